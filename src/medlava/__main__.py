@@ -1,0 +1,3 @@
+from medlava.cli import app
+
+app()

@@ -1,0 +1,85 @@
+"""`medlava ask` and `medlava convert` end to end, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medlava.cli import app
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("image", ["chest_xray.dcm", "head_ct.dcm", "chest_xray.png"])
+def test_ask_answers_with_json(model_dir, image):
+    model = model_dir("mistral-mlp2x-l1")
+    result = invoke("ask", SAMPLES / image, "What modality is this?", "--model", model, "--max-tokens", "8", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["prompt"] == "USER: <image>\nWhat modality is this? ASSISTANT:"
+    assert 1 <= len(out["token_ids"]) <= 8
+    assert isinstance(out["answer"], str) and out["model"] == model.name
+    assert out["modality"] == ("OT" if image.endswith(".png") else "CT" if "ct" in image else "DX")
+
+
+def test_ask_plain_text_and_window(model_dir):
+    model = model_dir("mistral-mlp2x-l1")
+    args = ["ask", SAMPLES / "head_ct.dcm", "Any bleed?", "--model", model, "--max-tokens", "5"]
+    plain = invoke(*args, "--window", "brain")
+    as_json = json.loads(invoke(*args, "--window", "brain", "--json").stdout)
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout == as_json["answer"] + "\n"
+    # The window changes the pixels the model sees, so it changes what it generates.
+    bone = json.loads(invoke(*args, "--window", "bone", "--json").stdout)
+    assert bone["token_ids"] != as_json["token_ids"]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["ask", "missing.dcm", "q", "--model", "{model}"], "no such file"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "/nonexistent/model"], "model folder not found"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "q"], "no model given"),
+        (["ask", str(SAMPLES / "head_ct.dcm"), "q", "--model", "{model}", "--window", "lungs"], "unknown window"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "  ", "--model", "{model}"], "question is empty"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--conv-mode", "x"], "unknown conversation"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(model_dir, args, words):
+    model = model_dir("mistral-mlp2x-l1")
+    result = invoke(*[a.replace("{model}", str(model)) for a in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_text_file_renamed_dcm(model_dir, tmp_path):
+    fake = tmp_path / "notes.dcm"
+    fake.write_text("patient notes, not an image")
+    result = invoke("ask", fake, "q", "--model", model_dir("mistral-mlp2x-l1"))
+    assert result.exit_code == 2 and "not a DICOM file" in result.stderr
+
+
+def test_convert_refuses_non_empty_destination(model_dir, tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    result = invoke("convert", model_dir("mistral-mlp2x-l1"), tmp_path)
+    assert result.exit_code == 2 and "not empty" in result.stderr
+    assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_convert_then_ask(model_dir, tmp_path):
+    out = tmp_path / "hf"
+    result = invoke("convert", model_dir("mistral-mlp2x-l1"), out)
+    assert result.exit_code == 0, result.output
+    a = invoke("ask", SAMPLES / "chest_xray.png", "Where?", "--model", model_dir("mistral-mlp2x-l1"), "--json", "--max-tokens", "6")
+    b = invoke("ask", SAMPLES / "chest_xray.png", "Where?", "--model", out, "--json", "--max-tokens", "6")
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
