@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
+from medlava.chat.bpe import train_bpe_tokenizer
 from medlava.errors import ModelLoadError
 from medlava.model.convert import convert
 from medlava.model.loader import ORIGINAL_IMAGE_TOKEN_ID, load_model
-from medlava.model.random_init import build_tokenizer
+from medlava.model.random_init import TOKENIZER_TEXT
 
 HUB_ID = "openai/clip-vit-large-patch14-336"
 
@@ -65,7 +66,7 @@ def original_folder(model_dir, tmp_path_factory):
         "torch_dtype": "float32",
     }
     (src / "config.json").write_text(json.dumps(config))
-    build_tokenizer(text["vocab_size"], image_token=False).save_pretrained(src)
+    train_bpe_tokenizer(TOKENIZER_TEXT, text["vocab_size"], image_token=False).save_pretrained(src)
     return src, clip, hf_dir
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from medlava.chat.bpe import train_bpe_tokenizer
 from medlava.chat.templates import LLAVA_SYSTEM, VICUNA_SYSTEM, build_prompt, get_template
 from medlava.chat.tokenize import tokenize_prompt
-from medlava.model.random_init import build_tokenizer
+from medlava.model.random_init import TOKENIZER_TEXT
 
 
 def test_mistral_instruct_single_and_multi_turn():
@@ -38,8 +39,8 @@ def test_unknown_template():
 
 
 def test_image_expansion_both_schemes_give_same_ids():
-    with_token = build_tokenizer(300, image_token=True)
-    without = build_tokenizer(300, image_token=False)
+    with_token = train_bpe_tokenizer(TOKENIZER_TEXT, 300, image_token=True)
+    without = train_bpe_tokenizer(TOKENIZER_TEXT, 300, image_token=False)
     image_id = with_token.convert_tokens_to_ids("<image>")
     prompt = "USER: <image>\nWhat modality is this? ASSISTANT:"
     a = tokenize_prompt(with_token, prompt, image_id, 5)
@@ -49,3 +50,14 @@ def test_image_expansion_both_schemes_give_same_ids():
     assert a[0] == with_token.bos_token_id
     first = a.index(image_id)
     assert a[first : first + 5] == [image_id] * 5
+
+
+@pytest.mark.parametrize("name", ["mistral_instruct", "vicuna_v1", "llava_v1", "llava_hf"])
+def test_finished_conversation_extends_the_prompt(name):
+    """Training masks rely on each prompt being a prefix of the conversation with its answer."""
+    t = get_template(name)
+    turns = ["<image>\nQ1?", "A1.", "Q2?", "A2."]
+    for i in (1, 3):
+        prompt, finished = t.render(turns[:i]), t.render(turns[: i + 1])
+        assert finished.startswith(prompt) and turns[i] in finished[len(prompt) :]
+    assert t.render(turns[:2]).endswith("A1. </s>" if name == "mistral_instruct" else "A1.</s>" if "v1" in name else "A1. ")

@@ -18,7 +18,11 @@ LLAVA_SYSTEM = (
 
 @dataclass(frozen=True)
 class Template:
-    """How turns are joined. `turns` alternate user/assistant; the prompt ends ready for the assistant."""
+    """How turns are joined. `turns` alternate user/assistant, starting with the user.
+
+    An odd number of turns renders a prompt that ends ready for the assistant; an even number
+    renders a finished conversation (what training sees).
+    """
 
     name: str
     style: str  # "llama2" ([INST] … [/INST]), "two" (SYSTEM USER: … ASSISTANT:), "hf" (llava-hf chat format)
@@ -47,14 +51,14 @@ class Template:
         for i, text in enumerate(turns):
             role, sep = ("USER", " ") if i % 2 == 0 else ("ASSISTANT", "</s>")
             out += f"{role}: {text}{sep}"
-        return out + "ASSISTANT:"
+        return out + ("ASSISTANT:" if len(turns) % 2 else "")
 
     def _hf(self, turns: list[str]) -> str:
         # The llava-hf chat template: "USER: <image>\n… ASSISTANT:" with a space after each text.
         out = ""
         for i, text in enumerate(turns):
             out += f"{'USER' if i % 2 == 0 else 'ASSISTANT'}: {text} "
-        return out + "ASSISTANT:"
+        return out + ("ASSISTANT:" if len(turns) % 2 else "")
 
 
 TEMPLATES: dict[str, Template] = {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from medlava.chat.bpe import train_bpe_tokenizer
 from medlava.chat.image_processing import ImageProcessing
 
 TOKENIZER_TEXT = [
@@ -18,31 +19,6 @@ TOKENIZER_TEXT = [
     "Yes. No. The CT scan of the head shows no abnormality. MRI of the brain with a mass on the left.",
     "Findings: the lungs are clear. Impression: normal study. Pleural effusion, cardiomegaly, pneumothorax.",
 ]
-
-
-def build_tokenizer(vocab_size: int, image_token: bool = True):
-    """A byte-level BPE tokenizer with <s>, </s>, <unk>, <pad> (and <image> last, when asked)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - (1 if image_token else 0),
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    if image_token:
-        fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return fast
 
 
 def save_random_llava(
@@ -72,7 +48,7 @@ def save_random_llava(
     from transformers import LlavaConfig as HFLlavaConfig
 
     out = Path(out)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = train_bpe_tokenizer(TOKENIZER_TEXT, vocab_size)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text_cls = {"llama": LlamaConfig, "mistral": MistralConfig}[text_model]
     text = text_cls(

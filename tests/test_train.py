@@ -1,0 +1,117 @@
+"""Training: answer-only labels, the two LLaVA stages, LoRA, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medlava.chat.templates import get_template
+from medlava.errors import MedlavaError
+from medlava.model.loader import load_model
+from medlava.model.random_init import save_random_llava
+from medlava.train import trainer as trainer_module
+from medlava.train.dataset import IGNORE, conversation_turns, encode_conversation
+from medlava.train.trainer import TrainSettings, train
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+RECORDS = [
+    {"id": "a", "image": "chest_xray.dcm", "conversations": [
+        {"from": "human", "value": "What modality is this?\n<image>"}, {"from": "gpt", "value": "x-ray"},
+        {"from": "human", "value": "Is there a nodule?"}, {"from": "gpt", "value": "yes"}]},
+    {"id": "b", "image": "head_ct.dcm", "conversations": [
+        {"from": "human", "value": "<image>\nWhat modality is this?"}, {"from": "gpt", "value": "ct"}]},
+    {"id": "c", "image": "chest_xray.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhich part of the body is shown?"}, {"from": "gpt", "value": "chest"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    (root / "images").mkdir()
+    for name in ("chest_xray.dcm", "head_ct.dcm", "chest_xray.png"):
+        shutil.copy(SAMPLES / name, root / "images" / name)
+    (root / "data.json").write_text(json.dumps(RECORDS))
+    save_random_llava(root / "init", text_model="mistral")
+    return root
+
+
+def settings(world: Path, out: str, **kw) -> TrainSettings:
+    base = dict(data=world / "data.json", image_folder=world / "images", model=world / "init", out=world / out,
+                batch_size=3, max_steps=12, lr=5e-3, progress=False, conv_mode="mistral_instruct")
+    return TrainSettings(**{**base, **kw})
+
+
+def test_labels_cover_only_the_answers(world):
+    lm = load_model(world / "init")
+    turns = conversation_turns(RECORDS[0]["conversations"])
+    assert turns[0] == "<image>\nWhat modality is this?"
+    ids, labels = encode_conversation(lm.tokenizer, get_template("mistral_instruct"), turns,
+                                      lm.config.image_token_id, lm.config.image_tokens)
+    assert len(ids) == len(labels)
+    trained = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE]
+    assert all(lab in (IGNORE, i) for i, lab in zip(ids, labels, strict=True))
+    text = lm.tokenizer.decode(trained)
+    assert text.split() == ["x-ray", "</s>", "yes", "</s>"]
+    assert lm.config.image_token_id not in trained
+
+
+def test_conversations_must_alternate():
+    with pytest.raises(MedlavaError, match="alternate"):
+        conversation_turns([{"from": "gpt", "value": "hi"}])
+
+
+def snapshot(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_model(folder).model.state_dict().items()}
+
+
+def changed(a: dict, b: dict, prefix: str) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+
+def test_two_stages_lower_the_loss_and_touch_only_their_parts(world):
+    before = snapshot(world / "init")
+    align = train(settings(world, "stage1", stage="align", lr=1e-2))
+    assert align.steps == 12 and align.losses[-1] < 0.8 * align.losses[0]
+    after_align = snapshot(world / "stage1")
+    assert changed(before, after_align, "projector.")
+    assert not changed(before, after_align, "decoder.") and not changed(before, after_align, "vision_tower.")
+
+    instruct = train(settings(world, "stage2", model=world / "stage1", stage="instruct"))
+    assert instruct.losses[-1] < 0.5 * instruct.losses[0]
+    after = snapshot(world / "stage2")
+    assert changed(after_align, after, "decoder.") and not changed(after_align, after, "vision_tower.")
+    assert load_model(world / "stage2").conv_mode == "mistral_instruct"  # remembered for inference
+
+
+def test_lora_trains_adapters_and_saves_a_plain_model(world):
+    result = train(settings(world, "lora", stage="instruct", lora_rank=4, lr=1e-2))
+    assert result.losses[-1] < 0.8 * result.losses[0]
+    before, after = snapshot(world / "init"), snapshot(world / "lora")
+    assert set(before) == set(after)  # adapters merged away
+    assert changed(before, after, "decoder.layers.0.self_attn.q_proj")
+    assert not changed(before, after, "decoder.embed_tokens")
+
+
+def test_resume_continues_exactly(world, monkeypatch):
+    full = train(settings(world, "full", max_steps=6))
+    real_loss, calls = trainer_module.lm_loss, {"n": 0}
+
+    def crash_on_fifth(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(trainer_module, "lm_loss", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(world, "resumed", max_steps=6, save_every=3))
+    assert (world / "resumed" / trainer_module.STATE_FILE).is_file()
+    monkeypatch.setattr(trainer_module, "lm_loss", real_loss)
+    resumed = train(settings(world, "resumed", max_steps=6, save_every=3))
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    assert not (world / "resumed" / trainer_module.STATE_FILE).exists()
