@@ -50,3 +50,20 @@ def test_reads_preprocessor_config(tmp_path):
     path.write_text(json.dumps(proc.to_json()))
     assert ImageProcessing.from_file(path, "pad", 999) == proc
     assert ImageProcessing.from_file(tmp_path / "absent.json", "crop", 28).crop == (28, 28)
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_box_follows_the_pixels(aspect):
+    """A bright square drawn on the image lands where box_to_input says, after pad/resize/crop."""
+    from medlava.chat.image_processing import box_to_input
+
+    arr = np.zeros((90, 150), np.uint8)
+    arr[30:50, 70:100] = 255
+    proc = ImageProcessing(shortest_edge=60, crop=(60, 60), aspect=aspect, mean=(0, 0, 0), std=(1, 1, 1))
+    pixels = preprocess(Image.fromarray(arr), proc)[0]
+    x0, y0, x1, y1 = box_to_input((70, 30, 100, 50), (150, 90), proc)
+    inside = pixels[int(y0) + 1 : int(y1) - 1, int(x0) + 1 : int(x1) - 1]
+    assert inside.min() > 0.9
+    mask = torch.ones_like(pixels, dtype=torch.bool)
+    mask[max(0, int(y0) - 1) : int(y1) + 2, max(0, int(x0) - 1) : int(x1) + 2] = False
+    assert pixels[mask].max() < 0.1

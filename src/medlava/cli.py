@@ -43,7 +43,9 @@ def ask(
     seed: int | None = None,
     window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
     conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")
+    ] = None,
     device: str = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -51,7 +53,9 @@ def ask(
     from medlava import Analyzer, SamplingParams
     from medlava.imaging import load_study
 
-    params = run_guarded(SamplingParams, temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    params = run_guarded(
+        SamplingParams, temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens
+    )
     study = run_guarded(load_study, image, window=window)  # before the (slow) model load
     analyzer = run_guarded(
         Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device, conv_mode=conv_mode
@@ -76,3 +80,248 @@ def convert(
         fail(f"{dst} exists and is not empty; choose a new folder")
     out = run_guarded(do_convert, src, dst, vision_tower=vision_tower)
     typer.echo(f"wrote {out}")
+
+
+train_app = typer.Typer(
+    no_args_is_help=True, help="Train models: the demo model's stages, or fine-tune your own."
+)
+app.add_typer(train_app, name="train")
+
+DataOpt = Annotated[Path, typer.Option("--data", help="LLaVA-format JSON (id, image, conversations).")]
+ImagesOpt = Annotated[
+    Path, typer.Option("--image-folder", help="Folder the JSON's image paths are relative to.")
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder to write the trained model to.")]
+WorldOpt = Annotated[Path, typer.Option("--world", help="A folder written by `medlava synth`.")]
+
+
+def _llava_stage(
+    stage: str,
+    data,
+    image_folder,
+    model,
+    out,
+    steps,
+    epochs,
+    batch_size,
+    grad_accum,
+    lr,
+    warmup_ratio,
+    max_len,
+    save_every,
+    seed,
+    conv_mode,
+    train_vision=False,
+    lora_rank=0,
+):
+    from medlava.train.trainer import TrainSettings, train
+
+    if model is None:
+        fail("--model is required: the folder to start training from")
+    settings = TrainSettings(
+        data=data,
+        image_folder=image_folder,
+        model=model,
+        out=out,
+        stage=stage,
+        train_vision=train_vision,
+        lora_rank=lora_rank,
+        epochs=epochs,
+        max_steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup_ratio=warmup_ratio,
+        max_len=max_len,
+        save_every=save_every,
+        seed=seed,
+        conv_mode=conv_mode,
+    )
+    result = run_guarded(train, settings)
+    typer.echo(
+        f"{stage}: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+        f"{result.tokens_per_s:,.0f} tok/s; wrote {result.out}"
+    )
+
+
+@train_app.command("align")
+def train_align(
+    data: DataOpt,
+    image_folder: ImagesOpt,
+    out: OutOpt,
+    model: ModelOpt = None,
+    steps: int | None = None,
+    epochs: float = 1.0,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    warmup_ratio: float = 0.03,
+    max_len: int = 512,
+    save_every: int = 0,
+    seed: int = 0,
+    conv_mode: str | None = None,
+) -> None:
+    """Stage 1: train the projector only, on caption pairs (feature alignment)."""
+    _llava_stage(
+        "align",
+        data,
+        image_folder,
+        model,
+        out,
+        steps,
+        epochs,
+        batch_size,
+        grad_accum,
+        lr,
+        warmup_ratio,
+        max_len,
+        save_every,
+        seed,
+        conv_mode,
+    )
+
+
+@train_app.command("instruct")
+def train_instruct(
+    data: DataOpt,
+    image_folder: ImagesOpt,
+    out: OutOpt,
+    model: ModelOpt = None,
+    steps: int | None = None,
+    epochs: float = 1.0,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    lr: float = 2e-4,
+    warmup_ratio: float = 0.03,
+    max_len: int = 512,
+    save_every: int = 0,
+    seed: int = 0,
+    conv_mode: str | None = None,
+    train_vision: Annotated[bool, typer.Option(help="Also train the vision tower.")] = False,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank for the decoder (0 = full fine-tuning).")] = 0,
+) -> None:
+    """Stage 2: train projector + decoder (or LoRA adapters) on instructions."""
+    _llava_stage(
+        "instruct",
+        data,
+        image_folder,
+        model,
+        out,
+        steps,
+        epochs,
+        batch_size,
+        grad_accum,
+        lr,
+        warmup_ratio,
+        max_len,
+        save_every,
+        seed,
+        conv_mode,
+        train_vision,
+        lora_rank,
+    )
+
+
+@train_app.command("init")
+def train_init(world: WorldOpt, out: OutOpt, vocab_size: int = 1024, seed: int = 0) -> None:
+    """Start the demo model: a BPE tokenizer trained on the world's text and random weights."""
+    from medlava.train.demo_init import init_demo_model
+
+    typer.echo(f"wrote {run_guarded(init_demo_model, world, out, vocab_size=vocab_size, seed=seed)}")
+
+
+@train_app.command("vision")
+def train_vision_tower(
+    world: WorldOpt,
+    out: OutOpt,
+    model: ModelOpt = None,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> None:
+    """Stage 0 (demo model only): pretrain the vision tower on the world's labels."""
+    from medlava.train.vision_pretrain import pretrain_vision
+
+    if model is None:
+        fail("--model is required: the folder whose vision tower to pretrain")
+    metrics = run_guarded(
+        pretrain_vision, model, world, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+    )
+    typer.echo("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"; wrote {out}")
+
+
+@app.command()
+def synth(
+    out: OutOpt,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of studies.")] = 100,
+    seed: int = 0,
+    size: Annotated[int, typer.Option(help="Image size in pixels.")] = 224,
+) -> None:
+    """Write a synthetic phantom world: images with known findings, questions, instructions, reports."""
+    from medlava.train.synthetic import main as synth_main
+
+    run_guarded(synth_main, ["--out", str(out), "--n", str(n), "--seed", str(seed), "--size", str(size)])
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models on medical VQA benchmarks.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    questions: Annotated[Path, typer.Option("--questions", help="LLaVA-Med model_vqa question JSONL.")],
+    image_folder: ImagesOpt,
+    answers: Annotated[Path, typer.Option("--answers", help="Answers JSONL to write (resumes if present).")],
+    model: ModelOpt = None,
+    vision_tower: VisionTowerOpt = None,
+    num_chunks: Annotated[int, typer.Option(min=1)] = 1,
+    chunk_idx: Annotated[int, typer.Option(min=0)] = 0,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    shuffle_images: Annotated[
+        int | None, typer.Option(help="Control run: give each question another study's image (seed).")
+    ] = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+) -> None:
+    """Answer every question of a model_vqa file (one chunk of it with --num-chunks/--chunk-idx)."""
+    from rich.progress import Progress
+
+    from medlava import Analyzer
+    from medlava.eval.vqa import run_vqa
+
+    analyzer = run_guarded(Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("answering", total=None)
+        added = run_guarded(
+            run_vqa,
+            questions,
+            image_folder,
+            answers,
+            analyzer,
+            num_chunks=num_chunks,
+            chunk_idx=chunk_idx,
+            max_tokens=max_tokens,
+            shuffle_images_seed=shuffle_images,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    typer.echo(f"answered {added} questions; answers in {answers}")
+
+
+@eval_app.command("score")
+def eval_score(
+    answers: Annotated[Path, typer.Option("--answers", help="Answers JSONL from `medlava eval vqa`.")],
+    gold: Annotated[Path, typer.Option("--gold", help="Question JSONL with answer and answer_type.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where to save the scores as JSON.")] = None,
+) -> None:
+    """Score answers: closed accuracy, open recall, exact match, token F1, beside the majority baseline."""
+    from rich.console import Console
+
+    from medlava.eval.table import score_table
+    from medlava.eval.vqa import score
+
+    result = run_guarded(score, answers, gold)
+    Console(width=140).print(score_table(result))
+    target = out or answers.with_suffix(".scores.json")
+    target.write_text(json.dumps(result, indent=1))
+    typer.echo(f"scores saved to {target}")

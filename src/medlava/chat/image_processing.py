@@ -76,16 +76,19 @@ def pad_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
     return canvas
 
 
+def resized_size(w: int, h: int, shortest_edge: int) -> tuple[int, int]:
+    """CLIP's resize: the short side becomes `shortest_edge`, the long side keeps the ratio (truncated)."""
+    short, long = min(w, h), max(w, h)
+    new_long = int(shortest_edge * long / short)
+    return (shortest_edge, new_long) if w <= h else (new_long, shortest_edge)
+
+
 def preprocess(image: Image.Image, proc: ImageProcessing) -> torch.Tensor:
     """One PIL image -> [3, H, W] float32 tensor."""
     image = image.convert("RGB")
     if proc.aspect == "pad":
         image = pad_to_square(image, proc.mean)
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_short, new_long = proc.shortest_edge, int(proc.shortest_edge * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize(size, resample=proc.resample, reducing_gap=None)
+    image = image.resize(resized_size(*image.size, proc.shortest_edge), resample=proc.resample, reducing_gap=None)
     arr = np.asarray(image)
     if proc.do_center_crop:
         ch, cw = proc.crop
@@ -94,6 +97,27 @@ def preprocess(image: Image.Image, proc: ImageProcessing) -> torch.Tensor:
     arr = (arr.astype(np.float64) * proc.rescale_factor).astype(np.float32)
     arr = (arr - np.asarray(proc.mean, np.float32)) / np.asarray(proc.std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def box_to_input(box: tuple[float, float, float, float], size: tuple[int, int], proc: ImageProcessing):
+    """Map an (x0, y0, x1, y1) box on an image of `size` (w, h) into the model's input pixels."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    if proc.aspect == "pad" and w != h:
+        side = max(w, h)
+        dx, dy = (side - w) // 2, (side - h) // 2
+        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+        w = h = side
+    new_w, new_h = resized_size(w, h, proc.shortest_edge)
+    sx, sy = new_w / w, new_h / h
+    left = top = 0
+    out_w, out_h = new_w, new_h
+    if proc.do_center_crop:
+        out_h, out_w = proc.crop
+        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    clip_x = lambda v: min(max(v, 0.0), out_w)  # noqa: E731
+    clip_y = lambda v: min(max(v, 0.0), out_h)  # noqa: E731
+    return clip_x(x0 * sx - left), clip_y(y0 * sy - top), clip_x(x1 * sx - left), clip_y(y1 * sy - top)
 
 
 def preprocess_batch(images: list[Image.Image], proc: ImageProcessing) -> torch.Tensor:

@@ -42,13 +42,24 @@ def save_random_llava(
     tie_word_embeddings: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    tokenizer=None,
+    widen_init: bool = True,
+    extra_config: dict | None = None,
 ) -> Path:
-    """Write a random LLaVA model folder and return its path."""
+    """Write a random LLaVA model folder and return its path.
+
+    `tokenizer` (default: a small BPE trained here) sets the vocabulary; `widen_init` scales the
+    weights up so a random model's outputs depend visibly on its input (tests), while training
+    from scratch wants transformers' own small init; `extra_config` adds medlava's config keys
+    (`conv_mode`, `image_aspect_ratio`).
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration, MistralConfig
     from transformers import LlavaConfig as HFLlavaConfig
 
     out = Path(out)
-    tokenizer = train_bpe_tokenizer(TOKENIZER_TEXT, vocab_size)
+    if tokenizer is None:
+        tokenizer = train_bpe_tokenizer(TOKENIZER_TEXT, vocab_size)
+    vocab_size = len(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text_cls = {"llama": LlamaConfig, "mistral": MistralConfig}[text_model]
     text = text_cls(
@@ -83,10 +94,11 @@ def save_random_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
-    with torch.no_grad():  # transformers' init is tiny (std 0.02); widen it so outputs vary with input
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5 / p.shape[-1] ** 0.5 * 4)
+    if widen_init:  # transformers' init is tiny (std 0.02); widen it so outputs vary with input
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
     if projector == "linear":
         # transformers has no single-layer projector: save linear_1 only and mark it for medlava.
         model.model.multi_modal_projector.linear_2 = None
@@ -94,12 +106,14 @@ def save_random_llava(
         raise ValueError(f"unknown projector {projector!r}")
     model.to(dtype).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    extra = dict(extra_config or {})
     if projector == "linear":
+        extra["projector_type"] = "linear"
+    if extra:
         cfg_path = out / "config.json"
-        raw = json.loads(cfg_path.read_text())
-        raw["projector_type"] = "linear"
-        cfg_path.write_text(json.dumps(raw, indent=2))
-    proc = ImageProcessing(shortest_edge=image_size, crop=(image_size, image_size), aspect="crop")
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **extra}, indent=2))
+    aspect = extra.get("image_aspect_ratio", "crop")
+    proc = ImageProcessing(shortest_edge=image_size, crop=(image_size, image_size), aspect=aspect)
     (out / "preprocessor_config.json").write_text(json.dumps(proc.to_json(), indent=2))
     return out
 

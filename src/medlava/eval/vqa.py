@@ -1,0 +1,117 @@
+"""Run a model over a LLaVA-Med `model_vqa` question file, and score answers against gold.
+
+Questions: JSONL with `question_id`, `image`, `text` (gold files add `answer`, `answer_type`).
+Answers: JSONL with LLaVA-Med's fields `question_id`, `prompt`, `text`, `answer_id`, `model_id`,
+`metadata`, written one line at a time so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import uuid
+from pathlib import Path
+
+from medlava.engine.sampling import SamplingParams
+from medlava.errors import MedlavaError
+from medlava.eval.metrics import majority_answers, score_one, summarise
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise MedlavaError(f"no such file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise MedlavaError(f"{path} is not valid JSONL: {e}") from None
+
+
+def chunk(items: list, num_chunks: int, index: int) -> list:
+    """LLaVA's split: ceil-sized consecutive chunks, so parallel workers cover every question once."""
+    if not 0 <= index < num_chunks:
+        raise MedlavaError(f"--chunk-idx {index} must be in [0, {num_chunks})")
+    size = math.ceil(len(items) / num_chunks)
+    return items[index * size : (index + 1) * size]
+
+
+def shuffled_images(questions: list[dict], seed: int) -> dict[int, str]:
+    """Each question gets an image of a different study: a control that the answers use the image."""
+    images = sorted({q["image"] for q in questions})
+    rng = random.Random(seed)
+    moved = images[:]
+    while len(images) > 1 and any(a == b for a, b in zip(images, moved, strict=True)):
+        rng.shuffle(moved)
+    mapping = dict(zip(images, moved, strict=True))
+    return {q["question_id"]: mapping[q["image"]] for q in questions}
+
+
+def run_vqa(
+    questions: Path,
+    image_folder: Path,
+    answers: Path,
+    analyzer,
+    *,
+    num_chunks: int = 1,
+    chunk_idx: int = 0,
+    max_tokens: int = 64,
+    shuffle_images_seed: int | None = None,
+    progress=lambda done, total: None,
+) -> int:
+    """Answer every question of this chunk not yet in `answers`; returns how many were added."""
+    todo = chunk(read_jsonl(questions), num_chunks, chunk_idx)
+    done = {a["question_id"] for a in read_jsonl(answers)} if Path(answers).is_file() else set()
+    swap = shuffled_images(todo, shuffle_images_seed) if shuffle_images_seed is not None else {}
+    params = SamplingParams(max_tokens=max_tokens)
+    added = 0
+    Path(answers).parent.mkdir(parents=True, exist_ok=True)
+    with open(answers, "a") as out:
+        for i, q in enumerate(todo):
+            if q["question_id"] in done:
+                continue
+            image = swap.get(q["question_id"], q["image"])
+            result = analyzer.ask(Path(image_folder) / image, q["text"], params)
+            record = {
+                "question_id": q["question_id"],
+                "prompt": q["text"],
+                "text": result.answer,
+                "answer_id": uuid.uuid4().hex,
+                "model_id": result.model,
+                "metadata": {"image": image, "finish_reason": result.finish_reason},
+            }
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            added += 1
+            progress(i + 1, len(todo))
+    return added
+
+
+def score(answers: Path, gold: Path) -> dict:
+    """Scores of `answers` against `gold`, beside the majority-answer baseline on the same questions."""
+    gold_by_id = {g["question_id"]: g for g in read_jsonl(gold)}
+    preds = {a["question_id"]: a["text"] for a in read_jsonl(answers)}
+    unknown = set(preds) - set(gold_by_id)
+    if unknown:
+        raise MedlavaError(f"{len(unknown)} answers have question ids not in the gold file, e.g. {min(unknown)}")
+    answered = [gold_by_id[qid] for qid in gold_by_id if qid in preds]
+    if not answered:
+        raise MedlavaError("no answer matches a gold question")
+    majority = majority_answers(answered)
+
+    def rows(pred_of) -> list[dict]:
+        return [
+            {
+                **score_one(pred_of(g), g),
+                "question_kind": g.get("question_kind"),
+                "modality": g.get("modality"),
+                "finding": g.get("finding_kinds") or ["none"],
+            }
+            for g in answered
+        ]
+
+    return {
+        "model": summarise(rows(lambda g: preds[g["question_id"]])),
+        "majority_baseline": summarise(rows(lambda g: majority[g.get("question_kind", g["answer_type"])])),
+        "answered": len(answered),
+        "unanswered": len(gold_by_id) - len(answered),
+    }

@@ -1,0 +1,172 @@
+"""Stage 0: pretrain the demo model's vision tower on the phantom world's labels.
+
+Real LLaVA starts from a pretrained CLIP; the demo model has none, and a ViT trained only through
+the language loss learns too slowly on 2 cores. So the tower first learns the world directly:
+modality, body part and finding kinds from its pooled patch features, and, patch by patch, which
+finding (if any) each patch shows. The dense target keeps spatial detail in the patch tokens,
+which is what the language model needs to say which side and where.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlava.chat.image_processing import ImageProcessing, box_to_input, preprocess
+from medlava.imaging import load_study
+from medlava.model.convert import save_hf
+from medlava.model.loader import load_model
+
+MODALITIES = ("x-ray", "ct", "mri")
+BODY_PARTS = ("chest", "abdomen", "head")
+KINDS = (
+    "nodule", "mass", "pleural_effusion", "cardiomegaly", "pneumothorax", "lung_nodule", "liver_lesion", "brain_mass",
+)
+
+
+@dataclass
+class Labelled:
+    pixels: torch.Tensor  # [3, H, W]
+    modality: int
+    body_part: int
+    kinds: torch.Tensor  # [K] multi-hot
+    patches: torch.Tensor  # [grid * grid] class per patch: 0 = none, k + 1 = KINDS[k]
+
+
+def patch_labels(boxes: list[tuple[int, tuple]], grid: int, patch: int) -> torch.Tensor:
+    """Class of each patch: the finding covering >= 25 % of it, and always the patch at a box's centre."""
+    labels = torch.zeros(grid, grid, dtype=torch.long)
+    edges = torch.arange(grid + 1, dtype=torch.float32) * patch
+    for cls, (x0, y0, x1, y1) in boxes:
+        ox = (torch.minimum(edges[1:], torch.tensor(x1)) - torch.maximum(edges[:-1], torch.tensor(x0))).clamp(min=0)
+        oy = (torch.minimum(edges[1:], torch.tensor(y1)) - torch.maximum(edges[:-1], torch.tensor(y0))).clamp(min=0)
+        labels[(oy[:, None] * ox[None, :]) >= 0.25 * patch * patch] = cls
+        cy, cx = min(int((y0 + y1) / 2 // patch), grid - 1), min(int((x0 + x1) / 2 // patch), grid - 1)
+        labels[cy, cx] = cls
+    return labels.flatten()
+
+
+def label_study(record: dict, images: Path, proc: ImageProcessing, grid: int, patch: int) -> Labelled:
+    image = load_study(images / record["image"]).key_image()
+    boxes = [
+        (KINDS.index(f["kind"]) + 1, box_to_input(tuple(f["box"]), image.size, proc)) for f in record["findings"]
+    ]
+    kinds = torch.zeros(len(KINDS))
+    for f in record["findings"]:
+        kinds[KINDS.index(f["kind"])] = 1
+    return Labelled(
+        preprocess(image, proc),
+        MODALITIES.index(record["modality_name"]),
+        BODY_PARTS.index(record["body_part"]),
+        kinds,
+        patch_labels(boxes, grid, patch),
+    )
+
+
+class WorldHeads(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pooled = nn.Linear(dim, len(MODALITIES) + len(BODY_PARTS) + len(KINDS))
+        self.patch = nn.Linear(dim, len(KINDS) + 1)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pooled = self.pooled(feats.mean(1))
+        m, b = len(MODALITIES), len(BODY_PARTS)
+        return pooled[:, :m], pooled[:, m : m + b], pooled[:, m + b :], self.patch(feats)
+
+
+def batch_of(items: list[Labelled]) -> dict[str, torch.Tensor]:
+    return {
+        "pixels": torch.stack([i.pixels for i in items]),
+        "modality": torch.tensor([i.modality for i in items]),
+        "body_part": torch.tensor([i.body_part for i in items]),
+        "kinds": torch.stack([i.kinds for i in items]),
+        "patches": torch.stack([i.patches for i in items]),
+    }
+
+
+def world_loss(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    modality, body, kinds, patches = outputs
+    return (
+        F.cross_entropy(modality, b["modality"])
+        + F.cross_entropy(body, b["body_part"])
+        + F.binary_cross_entropy_with_logits(kinds, b["kinds"])
+        + F.cross_entropy(patches.flatten(0, 1), b["patches"].flatten())
+    )
+
+
+@torch.no_grad()
+def evaluate(tower, heads, layer: int, items: list[Labelled]) -> dict[str, float]:
+    b = batch_of(items)
+    modality, body, kinds, patches = heads(_features(tower, b["pixels"], layer))
+    finding = b["patches"] > 0
+    return {
+        "modality_acc": (modality.argmax(-1) == b["modality"]).float().mean().item(),
+        "body_part_acc": (body.argmax(-1) == b["body_part"]).float().mean().item(),
+        "finding_kind_acc": ((kinds > 0).float() == b["kinds"]).float().mean().item(),
+        "finding_patch_recall": (patches.argmax(-1)[finding] == b["patches"][finding]).float().mean().item()
+        if finding.any()
+        else float("nan"),
+    }
+
+
+def _features(tower, pixels: torch.Tensor, layer: int) -> torch.Tensor:
+    return tower.features(pixels, layer)[:, 1:]  # patch tokens, as the projector sees them
+
+
+def pretrain_vision(
+    model: Path,
+    world: Path,
+    out: Path,
+    *,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    held_out: float = 0.1,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the vision tower of `model` on the world in `world`; save the whole model to `out`."""
+    torch.manual_seed(seed)
+    lm = load_model(model, dtype="float32")
+    cfg = lm.config.vision
+    grid, patch = cfg.image_size // cfg.patch_size, cfg.patch_size
+    records = [json.loads(line) for line in (world / "studies.jsonl").read_text().splitlines() if line.strip()]
+    items = [label_study(r, world / "images", lm.image_processing, grid, patch) for r in records]
+    n_eval = max(1, int(len(items) * held_out))
+    train_items, eval_items = items[:-n_eval], items[-n_eval:]
+
+    tower, layer = lm.model.vision_tower, lm.config.vision_feature_layer
+    heads = WorldHeads(cfg.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    g = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    tower.train()
+    for step in range(steps):
+        idx = torch.randint(len(train_items), (batch_size,), generator=g).tolist()
+        b = batch_of([train_items[i] for i in idx])
+        loss = world_loss(heads(_features(tower, b["pixels"], layer)), b)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if progress and (step % 50 == 0 or step == steps - 1):
+            print(f"stage 0 step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
+    tower.eval()
+    metrics = evaluate(tower, heads, layer, eval_items)
+    save_hf(lm, out)
+    (out / "vision_pretrain.json").write_text(json.dumps({"steps": steps, "held_out": metrics}, indent=1))
+    return metrics
