@@ -47,7 +47,6 @@ def test_ask_plain_text_and_window(model_dir):
     [
         (["ask", "missing.dcm", "q", "--model", "{model}"], "no such file"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "/nonexistent/model"], "model folder not found"),
-        (["ask", str(SAMPLES / "chest_xray.dcm"), "q"], "no model given"),
         (["ask", str(SAMPLES / "head_ct.dcm"), "q", "--model", "{model}", "--window", "lungs"], "unknown window"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "  ", "--model", "{model}"], "question is empty"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--conv-mode", "x"], "unknown conversation"),

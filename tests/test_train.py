@@ -115,3 +115,31 @@ def test_resume_continues_exactly(world, monkeypatch):
     resumed = train(settings(world, "resumed", max_steps=6, save_every=3))
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
     assert not (world / "resumed" / trainer_module.STATE_FILE).exists()
+
+
+def test_demo_pipeline_on_a_tiny_phantom_world(tmp_path):
+    """synth → init (world tokenizer) → stage 0 vision → stage 1 align → stage 2 instruct; each loss falls."""
+    from medlava.train.demo_init import init_demo_model
+    from medlava.train.synthetic import generate_world
+    from medlava.train.vision_pretrain import pretrain_vision
+
+    world = tmp_path / "world"
+    generate_world(world, 12, seed=5, size=64, workers=1)
+    small = dict(hidden_size=64, layers=2, intermediate_size=128, vision_hidden=48, vision_layers=2,
+                 vision_heads=3, vision_intermediate=96, image_size=32, patch_size=8)
+    init = init_demo_model(world, tmp_path / "init", vocab_size=400, **small)
+    lm = load_model(init)
+    assert lm.conv_mode == "mistral_instruct" and lm.image_processing.aspect == "pad"
+    assert lm.tokenizer.decode(lm.tokenizer("pleural effusion").input_ids[1:]) == "pleural effusion"
+
+    metrics = pretrain_vision(init, world, tmp_path / "stage0", steps=30, batch_size=8, lr=3e-3, progress=False)
+    assert set(metrics) >= {"modality_acc", "body_part_acc", "finding_kind_acc"}
+    images = world / "images"
+    align = train(TrainSettings(data=world / "captions.json", image_folder=images, model=tmp_path / "stage0",
+                                out=tmp_path / "stage1", stage="align", max_steps=10, batch_size=6, lr=1e-2,
+                                progress=False))
+    assert align.losses[-1] < align.losses[0]
+    instruct = train(TrainSettings(data=world / "instruct.json", image_folder=images, model=tmp_path / "stage1",
+                                   out=tmp_path / "stage2", stage="instruct", max_steps=10, batch_size=6, lr=5e-3,
+                                   progress=False))
+    assert instruct.losses[-1] < 0.85 * instruct.losses[0]

@@ -11,7 +11,7 @@ from medlava.analysis.inputs import ImageInput, prepare
 from medlava.chat.templates import get_template
 from medlava.engine.reference import generate_reference
 from medlava.engine.sampling import SamplingParams
-from medlava.errors import ModelLoadError
+from medlava.model.demo import resolve_model
 from medlava.model.loader import LoadedModel, load_model
 
 
@@ -40,9 +40,8 @@ class Analyzer:
         device: str = "cpu",
         conv_mode: str | None = None,
     ):
-        if model is None:
-            raise ModelLoadError("no model given: pass --model DIR (a Hugging Face Llava or LLaVA-Med folder)")
-        self.lm: LoadedModel = load_model(model, vision_tower=vision_tower, dtype=dtype, device=device)
+        path = resolve_model(model)  # None: the shipped demo model
+        self.lm: LoadedModel = load_model(path, vision_tower=vision_tower, dtype=dtype, device=device)
         if conv_mode is not None:
             get_template(conv_mode)  # fail early on a typo
             self.lm.conv_mode = conv_mode

@@ -23,12 +23,11 @@ from medlava.chat.image_processing import ImageProcessing, box_to_input, preproc
 from medlava.imaging import load_study
 from medlava.model.convert import save_hf
 from medlava.model.loader import load_model
+from medlava.train.phantoms import FINDING_KINDS
 
 MODALITIES = ("x-ray", "ct", "mri")
 BODY_PARTS = ("chest", "abdomen", "head")
-KINDS = (
-    "nodule", "mass", "pleural_effusion", "cardiomegaly", "pneumothorax", "lung_nodule", "liver_lesion", "brain_mass",
-)
+KINDS = FINDING_KINDS
 
 
 @dataclass
