@@ -143,3 +143,20 @@ def test_demo_pipeline_on_a_tiny_phantom_world(tmp_path):
                                    out=tmp_path / "stage2", stage="instruct", max_steps=10, batch_size=6, lr=5e-3,
                                    progress=False))
     assert instruct.losses[-1] < 0.85 * instruct.losses[0]
+
+
+def test_shuffled_turns_keep_pairs_and_the_image_first():
+    import random
+
+    from medlava.train.dataset import shuffle_pairs
+
+    conv = RECORDS[0]["conversations"]
+    orders = set()
+    for seed in range(20):
+        shuffled = shuffle_pairs(conv, random.Random(seed))
+        turns = conversation_turns(shuffled)
+        assert turns[0].startswith("<image>\n") and sum("<image>" in t for t in turns) == 1
+        pairs = {(shuffled[i]["value"].replace("\n<image>", ""), shuffled[i + 1]["value"]) for i in (0, 2)}
+        assert pairs == {("What modality is this?", "x-ray"), ("Is there a nodule?", "yes")}
+        orders.add(turns[0])
+    assert orders == {"<image>\nWhat modality is this?", "<image>\nIs there a nodule?"}

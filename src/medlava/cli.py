@@ -95,51 +95,18 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Folder to write the trained
 WorldOpt = Annotated[Path, typer.Option("--world", help="A folder written by `medlava synth`.")]
 
 
-def _llava_stage(
-    stage: str,
-    data,
-    image_folder,
-    model,
-    out,
-    steps,
-    epochs,
-    batch_size,
-    grad_accum,
-    lr,
-    warmup_ratio,
-    max_len,
-    save_every,
-    seed,
-    conv_mode,
-    train_vision=False,
-    lora_rank=0,
-):
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps (overrides --epochs).")]
+ConvOpt = Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")]
+
+
+def _run_stage(**settings) -> None:
     from medlava.train.trainer import TrainSettings, train
 
-    if model is None:
+    if settings["model"] is None:
         fail("--model is required: the folder to start training from")
-    settings = TrainSettings(
-        data=data,
-        image_folder=image_folder,
-        model=model,
-        out=out,
-        stage=stage,
-        train_vision=train_vision,
-        lora_rank=lora_rank,
-        epochs=epochs,
-        max_steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup_ratio=warmup_ratio,
-        max_len=max_len,
-        save_every=save_every,
-        seed=seed,
-        conv_mode=conv_mode,
-    )
-    result = run_guarded(train, settings)
+    result = run_guarded(train, TrainSettings(**settings))
     typer.echo(
-        f"{stage}: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+        f"{settings['stage']}: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
         f"{result.tokens_per_s:,.0f} tok/s; wrote {result.out}"
     )
 
@@ -150,7 +117,7 @@ def train_align(
     image_folder: ImagesOpt,
     out: OutOpt,
     model: ModelOpt = None,
-    steps: int | None = None,
+    max_steps: StepsOpt = None,
     epochs: float = 1.0,
     batch_size: int = 16,
     grad_accum: int = 1,
@@ -159,26 +126,10 @@ def train_align(
     max_len: int = 512,
     save_every: int = 0,
     seed: int = 0,
-    conv_mode: str | None = None,
+    conv_mode: ConvOpt = None,
 ) -> None:
     """Stage 1: train the projector only, on caption pairs (feature alignment)."""
-    _llava_stage(
-        "align",
-        data,
-        image_folder,
-        model,
-        out,
-        steps,
-        epochs,
-        batch_size,
-        grad_accum,
-        lr,
-        warmup_ratio,
-        max_len,
-        save_every,
-        seed,
-        conv_mode,
-    )
+    _run_stage(stage="align", **locals())
 
 
 @train_app.command("instruct")
@@ -187,7 +138,7 @@ def train_instruct(
     image_folder: ImagesOpt,
     out: OutOpt,
     model: ModelOpt = None,
-    steps: int | None = None,
+    max_steps: StepsOpt = None,
     epochs: float = 1.0,
     batch_size: int = 16,
     grad_accum: int = 1,
@@ -196,30 +147,15 @@ def train_instruct(
     max_len: int = 512,
     save_every: int = 0,
     seed: int = 0,
-    conv_mode: str | None = None,
+    conv_mode: ConvOpt = None,
     train_vision: Annotated[bool, typer.Option(help="Also train the vision tower.")] = False,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank for the decoder (0 = full fine-tuning).")] = 0,
+    shuffle_turns: Annotated[
+        bool, typer.Option(help="Reorder each conversation's Q/A pairs every epoch.")
+    ] = False,
 ) -> None:
     """Stage 2: train projector + decoder (or LoRA adapters) on instructions."""
-    _llava_stage(
-        "instruct",
-        data,
-        image_folder,
-        model,
-        out,
-        steps,
-        epochs,
-        batch_size,
-        grad_accum,
-        lr,
-        warmup_ratio,
-        max_len,
-        save_every,
-        seed,
-        conv_mode,
-        train_vision,
-        lora_rank,
-    )
+    _run_stage(stage="instruct", **locals())
 
 
 @train_app.command("init")

@@ -6,6 +6,7 @@ Each example becomes token ids with loss only on the assistant's answers, plus t
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +27,17 @@ def conversation_turns(conversations: list[dict]) -> list[str]:
     roles = [c["from"] for c in conversations]
     if not roles or roles[0] != "human" or any(r != ("human", "gpt")[i % 2] for i, r in enumerate(roles)):
         raise MedlavaError("conversations must alternate human/gpt turns, starting with human")
-    turns = [c["value"] for c in conversations]
-    first = turns[0].replace(IMAGE_PLACEHOLDER, "").strip()
-    turns[0] = f"{IMAGE_PLACEHOLDER}\n{first}"
+    turns = [c["value"].replace(IMAGE_PLACEHOLDER, "").strip() if i % 2 == 0 else c["value"]
+             for i, c in enumerate(conversations)]
+    turns[0] = f"{IMAGE_PLACEHOLDER}\n{turns[0]}"
     return turns
+
+
+def shuffle_pairs(conversations: list[dict], rng: random.Random) -> list[dict]:
+    """The same question/answer pairs in another order, so no answer can lean on its position."""
+    pairs = [conversations[i : i + 2] for i in range(0, len(conversations), 2)]
+    rng.shuffle(pairs)
+    return [turn for pair in pairs for turn in pair]
 
 
 def encode_conversation(
@@ -67,11 +75,15 @@ class LlavaJsonDataset(Dataset):
         image_token_id: int,
         image_tokens: int,
         max_len: int = 512,
+        shuffle_turns: bool = False,
+        seed: int = 0,
     ):
         self.records = json.loads(Path(json_path).read_text())
         self.image_folder = Path(image_folder)
         self.args = (tokenizer, template, image_token_id, image_tokens)
         self.processing, self.max_len = processing, max_len
+        self.shuffle_turns, self.seed = shuffle_turns, seed
+        self.epoch = 0  # set by the trainer: shuffled turn orders differ per epoch, reproducibly
         self._pixels: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -85,7 +97,10 @@ class LlavaJsonDataset(Dataset):
 
     def __getitem__(self, i: int) -> Example:
         record = self.records[i]
-        ids, labels = encode_conversation(*self.args[:2], conversation_turns(record["conversations"]), *self.args[2:])
+        conversations = record["conversations"]
+        if self.shuffle_turns:
+            conversations = shuffle_pairs(conversations, random.Random(f"{self.seed}/{self.epoch}/{i}"))
+        ids, labels = encode_conversation(*self.args[:2], conversation_turns(conversations), *self.args[2:])
         ids, labels = ids[: self.max_len], labels[: self.max_len]
         return Example(torch.tensor(ids), torch.tensor(labels), self.pixels(record["image"]))
 

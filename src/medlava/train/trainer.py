@@ -43,6 +43,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_len: int = 512
+    shuffle_turns: bool = False  # present each conversation's Q/A pairs in a new order every epoch
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the final model
     seed: int = 0
     conv_mode: str | None = None  # default: the model's own template
@@ -110,7 +111,7 @@ def train(s: TrainSettings) -> TrainResult:
     cfg = lm.config
     data = LlavaJsonDataset(
         s.data, s.image_folder, lm.tokenizer, get_template(lm.conv_mode), lm.image_processing,
-        cfg.image_token_id, cfg.image_tokens, s.max_len,
+        cfg.image_token_id, cfg.image_tokens, s.max_len, s.shuffle_turns, s.seed,
     )
     per_epoch = math.ceil(len(data) / s.batch_size)
     total = s.max_steps or max(1, math.ceil(s.epochs * per_epoch / s.grad_accum))
@@ -128,7 +129,8 @@ def train(s: TrainSettings) -> TrainResult:
             step_loss = 0.0
             for micro in range(s.grad_accum):
                 index = step * s.grad_accum + micro
-                order = batch_order(len(data), s.batch_size, s.seed, index // per_epoch)
+                data.epoch = index // per_epoch
+                order = batch_order(len(data), s.batch_size, s.seed, data.epoch)
                 batch = collate([data[i] for i in order[index % per_epoch]], pad_id)
                 loss, n = lm_loss(lm, batch)
                 (loss / s.grad_accum).backward()
