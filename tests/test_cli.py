@@ -82,3 +82,11 @@ def test_convert_then_ask(model_dir, tmp_path):
     a = invoke("ask", SAMPLES / "chest_xray.png", "Where?", "--model", model_dir("mistral-mlp2x-l1"), "--json", "--max-tokens", "6")
     b = invoke("ask", SAMPLES / "chest_xray.png", "Where?", "--model", out, "--json", "--max-tokens", "6")
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_every_documented_command_is_there():
+    """The commands the README documents (a lost command once slipped through unnoticed)."""
+    for command in (["ask"], ["convert"], ["synth"], ["train", "align"], ["train", "instruct"], ["train", "init"],
+                    ["train", "vision"], ["eval", "vqa"], ["eval", "score"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0, command

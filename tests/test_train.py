@@ -133,7 +133,7 @@ def test_demo_pipeline_on_a_tiny_phantom_world(tmp_path):
     assert lm.tokenizer.decode(lm.tokenizer("pleural effusion").input_ids[1:]) == "pleural effusion"
 
     metrics = pretrain_vision(init, world, tmp_path / "stage0", steps=30, batch_size=8, lr=3e-3, progress=False)
-    assert set(metrics) >= {"modality_acc", "body_part_acc", "finding_kind_acc"}
+    assert set(metrics) >= {"modality_acc", "body_part_acc", "kind_presence_acc", "side_acc"}
     images = world / "images"
     align = train(TrainSettings(data=world / "captions.json", image_folder=images, model=tmp_path / "stage0",
                                 out=tmp_path / "stage1", stage="align", max_steps=10, batch_size=6, lr=1e-2,

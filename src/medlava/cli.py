@@ -200,3 +200,66 @@ def synth(
     code = synth_main(["--out", str(out), "--n", str(n), "--seed", str(seed), "--size", str(size)])
     if code:
         raise typer.Exit(code)
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models on medical VQA benchmarks.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    questions: Annotated[Path, typer.Option("--questions", help="LLaVA-Med model_vqa question JSONL.")],
+    image_folder: ImagesOpt,
+    answers: Annotated[Path, typer.Option("--answers", help="Answers JSONL to write (resumes if present).")],
+    model: ModelOpt = None,
+    vision_tower: VisionTowerOpt = None,
+    num_chunks: Annotated[int, typer.Option(min=1)] = 1,
+    chunk_idx: Annotated[int, typer.Option(min=0)] = 0,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    shuffle_images: Annotated[
+        int | None, typer.Option(help="Control run: give each question another study's image (seed).")
+    ] = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+) -> None:
+    """Answer every question of a model_vqa file (one chunk of it with --num-chunks/--chunk-idx)."""
+    from rich.progress import Progress
+
+    from medlava import Analyzer
+    from medlava.eval.vqa import run_vqa
+
+    analyzer = run_guarded(Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("answering", total=None)
+        added = run_guarded(
+            run_vqa,
+            questions,
+            image_folder,
+            answers,
+            analyzer,
+            num_chunks=num_chunks,
+            chunk_idx=chunk_idx,
+            max_tokens=max_tokens,
+            shuffle_images_seed=shuffle_images,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    typer.echo(f"answered {added} questions; answers in {answers}")
+
+
+@eval_app.command("score")
+def eval_score(
+    answers: Annotated[Path, typer.Option("--answers", help="Answers JSONL from `medlava eval vqa`.")],
+    gold: Annotated[Path, typer.Option("--gold", help="Question JSONL with answer and answer_type.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where to save the scores as JSON.")] = None,
+) -> None:
+    """Score answers: closed accuracy, open recall, exact match, token F1, beside the majority baseline."""
+    from rich.console import Console
+
+    from medlava.eval.table import score_table
+    from medlava.eval.vqa import score
+
+    result = run_guarded(score, answers, gold)
+    Console(width=140).print(score_table(result))
+    target = out or answers.with_suffix(".scores.json")
+    target.write_text(json.dumps(result, indent=1))
+    typer.echo(f"scores saved to {target}")

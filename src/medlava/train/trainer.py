@@ -183,7 +183,7 @@ def resume(out: Path, lm, optimizer, scheduler) -> tuple[int, list[float]]:
 
 
 class _progress:
-    """A rich progress bar showing loss and throughput (silent when disabled)."""
+    """A rich progress bar with loss and throughput; plain lines every ~2 % when not on a terminal."""
 
     def __init__(self, enabled: bool, total: int, done: int):
         self.enabled, self.total, self.done = enabled, total, done
@@ -191,8 +191,19 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda text: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        if not Console().is_terminal:  # a log file: a live bar would print nothing until the end
+            every = max(1, self.total // 50)
+
+            def log(text: str) -> None:
+                self.done += 1
+                if self.done % every == 0 or self.done == self.total:
+                    print(f"step {self.done}/{self.total} {text}", flush=True)
+
+            self.bar = None
+            return log
         self.bar = Progress(
             TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
             TimeRemainingColumn(),
@@ -202,5 +213,5 @@ class _progress:
         return lambda text: self.bar.update(task, advance=1, description=text)
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.enabled and self.bar is not None:
             self.bar.stop()

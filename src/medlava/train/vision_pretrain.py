@@ -2,9 +2,10 @@
 
 Real LLaVA starts from a pretrained CLIP; the demo model has none, and a ViT trained only through
 the language loss learns too slowly on 2 cores. So the tower first learns the world directly:
-modality, body part and finding kinds from its pooled patch features, and, patch by patch, which
-finding (if any) each patch shows. The dense target keeps spatial detail in the patch tokens,
-which is what the language model needs to say which side and where.
+modality, body part and, for every finding kind, whether it is present, on which side and in
+which zone, from its pooled patch features; and, patch by patch, which finding (if any) each patch
+shows. The dense target keeps spatial detail in the patch tokens and the side/zone targets make
+every token carry it, which is what the language model needs to say which side and where.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from medlava.train.phantoms import FINDING_KINDS
 MODALITIES = ("x-ray", "ct", "mri")
 BODY_PARTS = ("chest", "abdomen", "head")
 KINDS = FINDING_KINDS
+STATES = ("absent", "present", "right", "left")  # per finding kind; "present" = a finding without side
+ZONES = (None, "upper", "middle", "lower")
 
 
 @dataclass
@@ -35,7 +38,8 @@ class Labelled:
     pixels: torch.Tensor  # [3, H, W]
     modality: int
     body_part: int
-    kinds: torch.Tensor  # [K] multi-hot
+    states: torch.Tensor  # [K] index into STATES
+    zones: torch.Tensor  # [K] index into ZONES
     patches: torch.Tensor  # [grid * grid] class per patch: 0 = none, k + 1 = KINDS[k]
 
 
@@ -57,14 +61,18 @@ def label_study(record: dict, images: Path, proc: ImageProcessing, grid: int, pa
     boxes = [
         (KINDS.index(f["kind"]) + 1, box_to_input(tuple(f["box"]), image.size, proc)) for f in record["findings"]
     ]
-    kinds = torch.zeros(len(KINDS))
+    states = torch.zeros(len(KINDS), dtype=torch.long)
+    zones = torch.zeros(len(KINDS), dtype=torch.long)
     for f in record["findings"]:
-        kinds[KINDS.index(f["kind"])] = 1
+        k = KINDS.index(f["kind"])
+        states[k] = STATES.index(f["side"] or "present")
+        zones[k] = ZONES.index(f.get("zone"))
     return Labelled(
         preprocess(image, proc),
         MODALITIES.index(record["modality_name"]),
         BODY_PARTS.index(record["body_part"]),
-        kinds,
+        states,
+        zones,
         patch_labels(boxes, grid, patch),
     )
 
@@ -72,13 +80,14 @@ def label_study(record: dict, images: Path, proc: ImageProcessing, grid: int, pa
 class WorldHeads(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.pooled = nn.Linear(dim, len(MODALITIES) + len(BODY_PARTS) + len(KINDS))
+        self.sizes = (len(MODALITIES), len(BODY_PARTS), len(KINDS) * len(STATES), len(KINDS) * len(ZONES))
+        self.pooled = nn.Linear(dim, sum(self.sizes))
         self.patch = nn.Linear(dim, len(KINDS) + 1)
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pooled = self.pooled(feats.mean(1))
-        m, b = len(MODALITIES), len(BODY_PARTS)
-        return pooled[:, :m], pooled[:, m : m + b], pooled[:, m + b :], self.patch(feats)
+        modality, body, states, zones = self.pooled(feats.mean(1)).split(self.sizes, dim=-1)
+        k = len(KINDS)
+        return modality, body, states.view(-1, k, len(STATES)), zones.view(-1, k, len(ZONES)), self.patch(feats)
 
 
 def batch_of(items: list[Labelled]) -> dict[str, torch.Tensor]:
@@ -86,17 +95,19 @@ def batch_of(items: list[Labelled]) -> dict[str, torch.Tensor]:
         "pixels": torch.stack([i.pixels for i in items]),
         "modality": torch.tensor([i.modality for i in items]),
         "body_part": torch.tensor([i.body_part for i in items]),
-        "kinds": torch.stack([i.kinds for i in items]),
+        "states": torch.stack([i.states for i in items]),
+        "zones": torch.stack([i.zones for i in items]),
         "patches": torch.stack([i.patches for i in items]),
     }
 
 
 def world_loss(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor]) -> torch.Tensor:
-    modality, body, kinds, patches = outputs
+    modality, body, states, zones, patches = outputs
     return (
         F.cross_entropy(modality, b["modality"])
         + F.cross_entropy(body, b["body_part"])
-        + F.binary_cross_entropy_with_logits(kinds, b["kinds"])
+        + F.cross_entropy(states.flatten(0, 1), b["states"].flatten())
+        + F.cross_entropy(zones.flatten(0, 1), b["zones"].flatten())
         + F.cross_entropy(patches.flatten(0, 1), b["patches"].flatten())
     )
 
@@ -104,12 +115,14 @@ def world_loss(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor]) ->
 @torch.no_grad()
 def evaluate(tower, heads, layer: int, items: list[Labelled]) -> dict[str, float]:
     b = batch_of(items)
-    modality, body, kinds, patches = heads(_features(tower, b["pixels"], layer))
-    finding = b["patches"] > 0
+    modality, body, states, zones, patches = heads(_features(tower, b["pixels"], layer))
+    finding, present = b["patches"] > 0, b["states"] > 0
+    sided = b["states"] >= STATES.index("right")
     return {
         "modality_acc": (modality.argmax(-1) == b["modality"]).float().mean().item(),
         "body_part_acc": (body.argmax(-1) == b["body_part"]).float().mean().item(),
-        "finding_kind_acc": ((kinds > 0).float() == b["kinds"]).float().mean().item(),
+        "kind_presence_acc": ((states.argmax(-1) > 0) == present).float().mean().item(),
+        "side_acc": (states.argmax(-1)[sided] == b["states"][sided]).float().mean().item(),
         "finding_patch_recall": (patches.argmax(-1)[finding] == b["patches"][finding]).float().mean().item()
         if finding.any()
         else float("nan"),
