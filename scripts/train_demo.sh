@@ -16,4 +16,12 @@ medlava train vision --world "$B/world-train" --model "$B/init" --out "$B/stage0
 medlava train align --data "$B/world-train/captions.json" --image-folder "$B/world-train/images" \
     --model "$B/stage0" --out "$B/stage1" --epochs "$EPOCHS1" --batch-size 32 --lr 2e-3
 medlava train instruct --data "$B/world-train/instruct.json" --image-folder "$B/world-train/images" \
-    --model "$B/stage1" --out "$B/stage2" --epochs "$EPOCHS2" --batch-size 16 --lr 1e-3
+    --model "$B/stage1" --out "$B/stage2" --epochs "$EPOCHS2" --batch-size 16 --lr 1e-3 --shuffle-turns --save-every 100
+mkdir -p "$B/eval"
+medlava convert "$B/stage2" src/medlava/models/medlava-tiny --dtype bfloat16   # ships at half the size
+medlava eval vqa --questions "$B/world-heldout/questions.jsonl" --image-folder "$B/world-heldout/images" \
+    --answers "$B/eval/answers.jsonl" --model src/medlava/models/medlava-tiny
+medlava eval score --answers "$B/eval/answers.jsonl" --gold "$B/world-heldout/questions.jsonl"
+medlava eval vqa --questions "$B/world-heldout/questions.jsonl" --image-folder "$B/world-heldout/images" \
+    --answers "$B/eval/answers-shuffled.jsonl" --model src/medlava/models/medlava-tiny --shuffle-images 0
+medlava eval score --answers "$B/eval/answers-shuffled.jsonl" --gold "$B/world-heldout/questions.jsonl"

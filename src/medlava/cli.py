@@ -72,13 +72,14 @@ def convert(
     src: Annotated[Path, typer.Argument(help="Original LLaVA-Med (or any loadable) model folder.")],
     dst: Annotated[Path, typer.Argument(help="Where to write the Hugging Face Llava folder.")],
     vision_tower: VisionTowerOpt = None,
+    dtype: Annotated[str | None, typer.Option(help="Save as float32, bfloat16 or float16.")] = None,
 ) -> None:
     """Write SRC in the Hugging Face Llava layout to DST."""
     from medlava.model.convert import convert as do_convert
 
     if dst.exists() and any(dst.iterdir()):
         fail(f"{dst} exists and is not empty; choose a new folder")
-    out = run_guarded(do_convert, src, dst, vision_tower=vision_tower)
+    out = run_guarded(do_convert, src, dst, vision_tower=vision_tower, dtype=dtype)
     typer.echo(f"wrote {out}")
 
 

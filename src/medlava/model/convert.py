@@ -141,6 +141,8 @@ def save_hf(lm: LoadedModel, dst: str | Path) -> Path:
     return dst
 
 
-def convert(src: str | Path, dst: str | Path, vision_tower: str | Path | None = None) -> Path:
-    """Original LLaVA-Med folder (or any loadable folder) -> Hugging Face Llava folder."""
-    return save_hf(load_model(src, vision_tower=vision_tower), dst)
+def convert(
+    src: str | Path, dst: str | Path, vision_tower: str | Path | None = None, dtype: str | None = None
+) -> Path:
+    """Original LLaVA-Med folder (or any loadable folder) -> Hugging Face Llava folder, optionally recast."""
+    return save_hf(load_model(src, vision_tower=vision_tower, dtype=dtype), dst)
