@@ -18,7 +18,10 @@ medlava train align --data "$B/world-train/captions.json" --image-folder "$B/wor
 medlava train instruct --data "$B/world-train/instruct.json" --image-folder "$B/world-train/images" \
     --model "$B/stage1" --out "$B/stage2" --epochs "$EPOCHS2" --batch-size 16 --lr 1e-3 --shuffle-turns --save-every 100
 mkdir -p "$B/eval"
-medlava convert "$B/stage2" src/medlava/models/medlava-tiny --dtype bfloat16   # ships at half the size
+rm -rf "$B/medlava-tiny"
+medlava convert "$B/stage2" "$B/medlava-tiny" --dtype bfloat16   # ships at half the size
+mkdir -p src/medlava/models/medlava-tiny
+cp "$B/medlava-tiny"/* src/medlava/models/medlava-tiny/   # keeps the model card (README.md) there
 medlava eval vqa --questions "$B/world-heldout/questions.jsonl" --image-folder "$B/world-heldout/images" \
     --answers "$B/eval/answers.jsonl" --model src/medlava/models/medlava-tiny
 medlava eval score --answers "$B/eval/answers.jsonl" --gold "$B/world-heldout/questions.jsonl"
