@@ -182,7 +182,7 @@ def load_model(
         tokenizer=load_tokenizer(folder),
         image_processing=ImageProcessing.from_file(proc_file, cfg.image_aspect_ratio, cfg.vision.image_size),
         conv_mode=default_conv_mode(raw, layout, cfg),
-        name=raw.get("_name_or_path") or folder.name,
+        name=folder.name,
         path=folder,
         layout=layout,
     )
