@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_MODEL ?= build/tiny-random
 
 .PHONY: setup demo test lint
 
@@ -14,11 +13,10 @@ $(BIN)/medlava: pyproject.toml
 
 setup: $(BIN)/medlava
 
-$(DEMO_MODEL)/config.json: | setup
-	$(BIN)/python -m medlava.model.random_init $(DEMO_MODEL)
-
-demo: setup $(DEMO_MODEL)/config.json
-	$(BIN)/medlava ask samples/chest_xray.dcm "What modality is this?" --model $(DEMO_MODEL) --max-tokens 16 --json
+demo: setup
+	$(BIN)/medlava ask samples/phantom_chest_effusion.dcm "What modality is this?"
+	$(BIN)/medlava ask samples/phantom_chest_effusion.dcm "Which side is the pleural effusion on?"
+	$(BIN)/medlava ask samples/phantom_brain_mass.nii.gz "What abnormality is seen?" --json
 
 lint: setup
 	$(BIN)/ruff check src tests scripts
