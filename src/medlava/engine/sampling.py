@@ -55,3 +55,25 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """One token id per row of [N, V] logits; greedy rows in one argmax, the others row by row.
+
+    Each sampled row uses its own generator, so a seeded request draws the same tokens whatever
+    else shares its batch.
+    """
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    # max(...).indices is argmax (first maximum on ties), faster on CPU for bfloat16 rows.
+    if len(greedy) == len(params):
+        return logits.max(dim=-1).indices.tolist()
+    out = [0] * len(params)
+    if greedy:
+        for i, token in zip(greedy, logits[greedy].max(dim=-1).indices.tolist(), strict=True):
+            out[i] = token
+    for i, p in enumerate(params):
+        if not p.greedy:
+            out[i] = sample(logits[i], p, generators[i])
+    return out

@@ -39,9 +39,25 @@ class LlavaModel(nn.Module):
             feats = feats[:, 1:]  # drop CLS
         return self.projector(feats)
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image-placeholder positions filled, in order, by `image_features` rows."""
-        is_image = input_ids == self.config.image_token_id
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image-placeholder positions filled, in order, by `image_features` rows.
+
+        `image_mask` (default: wherever the image-token id is) marks the placeholder positions;
+        an image-token id outside it is embedded as an ordinary token, as transformers does for
+        one the model generated. Without features and mask, an image-token id inside the
+        vocabulary is such a token too (a decode step feeding back a generated one).
+        """
+        if image_mask is not None:
+            is_image = image_mask
+        elif image_features is None and 0 <= self.config.image_token_id < self.config.text.vocab_size:
+            is_image = torch.zeros_like(input_ids, dtype=torch.bool)
+        else:
+            is_image = input_ids == self.config.image_token_id
         # The placeholder id may lie outside the vocabulary (original LLaVA uses -200), so never look it up.
         embeds = self.decoder.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_slots = int(is_image.sum())
@@ -60,13 +76,17 @@ class LlavaModel(nn.Module):
         image_features: torch.Tensor | None = None,
         backend: AttentionBackend | None = None,
         last_only: bool = False,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for `input_ids` [B, T]; images given as pixels or already-encoded features."""
+        """Logits for `input_ids` [B, T]; images given as pixels or already-encoded features.
+
+        `image_mask` marks the placeholder positions (see `embed`).
+        """
         if pixels is not None:
             image_features = self.encode_images(pixels)
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        hidden = self.decoder(self.embed(input_ids, image_features), positions, backend)
+        hidden = self.decoder(self.embed(input_ids, image_features, image_mask), positions, backend)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)

@@ -1,0 +1,531 @@
+"""Throughput benchmark: medlava's paged engine against Hugging Face `generate` on the same weights.
+
+Workload: a random-weight LLaVA of realistic proportions (CLIP ViT-S/16 at 224 px, a ~100M
+parameter Mistral-style decoder with grouped-query attention and a 32k vocabulary), 64 requests
+over 16 distinct images (a report request and three follow-up questions per image, ~30 text
+tokens each), 64 output tokens per request (EOS ignored). For float32 and bfloat16:
+
+  (a) HF `LlavaForConditionalGeneration.generate`, one request at a time (on a subset: slow)
+  (b) HF `generate` in static batches of 16, left padded
+  (c) medlava's `LLMEngine`, all requests submitted at once
+
+Each (mode, dtype) runs in its own subprocess so peak RSS is its own. TTFT counts from when a
+request is handed over: each `generate` call in (a) and (b), the common submit time in (c).
+
+    python bench/bench_engine.py            # full run, writes docs/BENCHMARKS.md
+    python bench/bench_engine.py --quick    # a small smoke run, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Peak rates of the 2-core reference machine (AMD EPYC Zen 4, AVX-512 BF16), used as rooflines.
+ROOFLINE_GFLOPS = {"bfloat16": 695.0, "float32": 163.0}
+ROOFLINE_DECODE_GBS = 17.0
+
+MODEL_DIMS = dict(
+    text_model="mistral",
+    hidden_size=768,
+    layers=12,
+    heads=12,
+    kv_heads=4,
+    intermediate_size=2048,
+    vision_hidden=384,
+    vision_layers=12,
+    vision_heads=6,
+    vision_intermediate=1536,
+    image_size=224,
+    patch_size=16,
+)
+VOCAB = 32000
+
+REPORT = "Write a structured radiology report for this study: describe the findings in each region, then give a short impression."
+FOLLOW_UPS = [
+    "Is there a pleural effusion on either side, and if so, how large is it and does it blunt the costophrenic angle on this view?",
+    "Are the heart size and the mediastinal contours within normal limits on this view, or is there cardiomegaly or a widened mediastinum?",
+    "Is there any focal consolidation, nodule or mass in either lung; where exactly is it, and how big does it look on this study?",
+]
+EXTRA = "What modality is this study, and which body part and projection does it show? Answer in one sentence."
+
+WORDS = (
+    "the of and a to in is there no with on for right left lung lungs chest heart size normal "
+    "effusion pleural nodule mass consolidation opacity findings impression study radiograph ct mri "
+    "view projection mediastinal contours cardiomegaly pneumothorax fracture bone soft tissue acute "
+    "chronic small large mild moderate severe upper lower lobe base apex angle costophrenic blunting "
+    "describe report structured region short give answer sentence which body part modality within "
+    "limits focal where exactly how big does it look any either side if so blunt what this are widened mediastinum"
+).split()
+
+
+def corpus(n: int = 60000, seed: int = 0):
+    """Clinical-sounding sentences plus pseudo-words, enough for a 32k-token BPE vocabulary."""
+    rng = random.Random(seed)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ae", "ou", "ia")]
+    yield from (REPORT, EXTRA, *FOLLOW_UPS)
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
+        words += ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 5))) for _ in range(rng.randint(2, 6))]
+        rng.shuffle(words)
+        yield " ".join(words).capitalize() + "."
+
+
+def build_model(folder: Path, quiet: bool = True) -> Path:
+    """The benchmark model (built once, reused when the folder already holds it)."""
+    if (folder / "config.json").is_file():
+        return folder
+    from medlava.chat.bpe import train_bpe_tokenizer
+    from medlava.model.random_init import save_random_llava
+
+    tokenizer = train_bpe_tokenizer(corpus(), VOCAB)
+    if len(tokenizer) < VOCAB:  # the corpus ran out of merges: pad with unused tokens
+        tokenizer.add_tokens([f"<unused{i}>" for i in range(VOCAB - len(tokenizer))])
+    save_random_llava(
+        folder,
+        tokenizer=tokenizer,
+        widen_init=False,
+        extra_config={"conv_mode": "mistral_instruct", "image_aspect_ratio": "pad"},
+        **MODEL_DIMS,
+    )
+    return folder
+
+
+def make_images(n: int, seed: int = 0):
+    """n distinct synthetic grey 'radiographs' (smooth structure plus noise), non-square."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:240, 0:280]
+    out = []
+    for _ in range(n):
+        fx, fy, phase = rng.uniform(3, 12), rng.uniform(3, 12), rng.uniform(0, 6.3)
+        arr = 128 + 60 * np.sin(x / fx + phase) * np.cos(y / fy) + rng.normal(0, 12, x.shape)
+        out.append(Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L"))
+    return out
+
+
+def workload(n_images: int, seed: int = 0) -> list[tuple[int, str]]:
+    """(image index, question) pairs: a report request then the follow-ups, image by image."""
+    return [(i, q) for i in range(n_images) for q in (REPORT, *FOLLOW_UPS)]
+
+
+# -- workers (one per subprocess) ------------------------------------------------------------------
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy jiffies of the whole machine, jiffies of this process) so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return busy, int(own[11]) + int(own[12])  # utime + stime
+
+
+def background_load(start: tuple[int, int], wall: float) -> float:
+    """CPUs' worth of work other processes did since `start` (0 on a quiet machine)."""
+    busy, own = cpu_jiffies()
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((busy - start[0]) - (own - start[1])) / hz / wall)
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Inputs:
+    """Tokenizer, preprocessing and prompt template of the model folder (no weights loaded)."""
+
+    def __init__(self, folder: Path):
+        from medlava.chat.image_processing import ImageProcessing
+        from medlava.model.loader import default_conv_mode, hf_config, load_tokenizer, read_json
+
+        raw = read_json(folder / "config.json")
+        self.config = hf_config(folder, raw)
+        self.tokenizer = load_tokenizer(folder)
+        self.conv_mode = default_conv_mode(raw, "hf", self.config)
+        self.proc = ImageProcessing.from_file(
+            folder / "preprocessor_config.json", raw.get("image_aspect_ratio", "crop"), self.config.vision.image_size
+        )
+
+    def pixels(self, image):
+        from medlava.chat.image_processing import preprocess
+
+        return preprocess(image, self.proc)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        from medlava.chat.templates import build_prompt
+        from medlava.chat.tokenize import tokenize_prompt
+
+        prompt = build_prompt(self.conv_mode, question)
+        return tokenize_prompt(self.tokenizer, prompt, self.config.image_token_id, self.config.image_tokens)
+
+
+def prepared(folder: Path, n_images: int):
+    """Each request's prompt ids and pixels, built the same way for every mode, plus two spare images."""
+    inputs = Inputs(folder)
+    pixels = [inputs.pixels(im) for im in make_images(n_images + 2)]
+    reqs = [(inputs.prompt_ids(question), pixels[img]) for img, question in workload(n_images)]
+    extras = [pixels[n_images], pixels[n_images + 1]]  # never in the workload: warm-up and batch-1 probe
+    return inputs, reqs, extras
+
+
+def summary(ttfts: list[float], wall: float, n_req: int, out_tokens: int) -> dict:
+    qs = statistics.quantiles(ttfts, n=10) if len(ttfts) > 1 else ttfts * 9
+    return {
+        "wall_s": wall,
+        "requests": n_req,
+        "output_tokens": out_tokens,
+        "tok_per_s": out_tokens / wall,
+        "req_per_s": n_req / wall,
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p90_s": qs[8],
+    }
+
+
+def worker_hf(folder: Path, dtype: str, mode: str, n_images: int, out_tokens: int, subset: int, batch: int) -> dict:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from transformers.generation.streamers import BaseStreamer
+
+    _, reqs, extras = prepared(folder, n_images)
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 3
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls, self.t = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.t is None:  # the first put is the prompt
+                self.t = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def run(group):
+        width = max(len(ids) for ids, _ in group)
+        ids = torch.tensor([[3] * (width - len(i)) + i for i, _ in group])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in group])
+        pix = torch.stack([p for _, p in group]).to(getattr(torch, dtype))
+        streamer = FirstToken()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=out_tokens,
+                do_sample=False, streamer=streamer,
+            )
+        assert out.shape[1] - width == out_tokens
+        return t0, streamer.t, time.perf_counter()
+
+    run([(reqs[0][0], extras[0])])  # warm-up (one-time kernel setup), on an image the workload never uses
+    groups = [[r] for r in reqs[:subset]] if mode == "a" else [reqs[i : i + batch] for i in range(0, len(reqs), batch)]
+    ttfts, start, jiffies = [], time.perf_counter(), cpu_jiffies()
+    for group in groups:
+        t0, t_first, _ = run(group)
+        ttfts += [t_first - t0] * len(group)
+    wall = time.perf_counter() - start
+    n = sum(len(g) for g in groups)
+    return summary(ttfts, wall, n, n * out_tokens) | {
+        "peak_rss_mb": peak_rss_mb(),
+        "background_cpus": background_load(jiffies, wall),
+    }
+
+
+def decoder_flops(cfg) -> dict:
+    """Matmul FLOPs per unit of work for the rooflines."""
+    t, v = cfg.text, cfg.vision
+    d, kv = t.hidden_size, t.num_key_value_heads * t.head_dim
+    per_layer = d * t.num_attention_heads * t.head_dim * 2 + d * kv * 2 + 3 * d * t.intermediate_size
+    linear = 2 * per_layer * t.num_hidden_layers
+    n_tok = v.num_patches + 1
+    vit_layers = v.num_hidden_layers + cfg.vision_feature_layer + 1 if cfg.vision_feature_layer < 0 else cfg.vision_feature_layer
+    vit_layer = 2 * n_tok * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 4 * n_tok**2 * v.hidden_size
+    vision = vit_layers * vit_layer + 2 * v.num_patches * (3 * v.patch_size**2 * v.hidden_size)
+    vision += 2 * cfg.image_tokens * (v.hidden_size * d + d * d)  # projector
+    return {
+        "token": linear,
+        "logits": 2 * d * t.vocab_size,
+        "attn_pair": 4 * t.num_attention_heads * t.head_dim,
+        "image": vision,
+        "weight_params": per_layer * t.num_hidden_layers + d * t.vocab_size,
+    }
+
+
+def worker_engine(folder: Path, dtype: str, n_images: int, out_tokens: int, max_batched: int) -> dict:
+    import torch
+
+    from medlava.engine.llm_engine import LLMEngine
+    from medlava.engine.sampling import SamplingParams
+    from medlava.model.loader import load_model
+
+    inputs, reqs, extras = prepared(folder, n_images)
+    lm = load_model(folder, dtype=dtype)
+    # KV blocks for every request at full length, as if nothing were shared (+ the probes).
+    block = 16
+    num_blocks = sum(-(-(len(ids) + out_tokens) // block) for ids, _ in reqs) + 64
+    engine = LLMEngine(
+        lm, block_size=block, num_blocks=num_blocks, max_num_seqs=len(reqs), max_num_batched_tokens=max_batched
+    )
+    params = SamplingParams(max_tokens=out_tokens, ignore_eos=True)
+    counter = iter(range(10**6))
+
+    def drain():
+        done = {}
+        while engine.has_unfinished():
+            done |= {o.request_id: o for o in engine.step() if o.finished}
+        return done
+
+    def one(ids, pix, n_tokens=out_tokens):
+        rid = f"probe{next(counter)}"
+        engine.add_request(rid, ids, [pix], SamplingParams(max_tokens=n_tokens, ignore_eos=True))
+        return drain()[rid]
+
+    # Warm-up on an image the workload never uses (one-time kernel setup).
+    one(reqs[0][0], extras[0], 4)
+
+    stats0 = dict(engine.runner.stats.__dict__)
+    start, jiffies = time.perf_counter(), cpu_jiffies()
+    for i, (ids, pix) in enumerate(reqs):
+        engine.add_request(f"r{i}", ids, [pix], params)
+    done = drain()
+    wall = time.perf_counter() - start
+    background = background_load(jiffies, wall)
+    s = {k: v - stats0[k] for k, v in engine.runner.stats.__dict__.items()}
+    m = engine.metrics()
+    ttfts = [o.metrics.time_to_first_token for o in done.values()]
+    result = summary(ttfts, wall, len(done), sum(len(o.token_ids) for o in done.values()))
+
+    f = decoder_flops(lm.config)
+    prefill_flops = (
+        s["prefill_tokens"] * f["token"] + s["prefill_attn_pairs"] * f["attn_pair"]
+        + len(reqs) * f["logits"] + s["images_encoded"] * f["image"]
+    )
+    decode_flops = s["decode_tokens"] * (f["token"] + f["logits"]) + s["decode_attn_pairs"] * f["attn_pair"]
+    result |= {
+        "prefill_gflops": prefill_flops / s["prefill_time"] / 1e9,
+        "prefill_tokens": s["prefill_tokens"],
+        "prefill_time_s": s["prefill_time"],
+        "decode_gflops": decode_flops / s["decode_time"] / 1e9,
+        "decode_tok_per_s": s["decode_tokens"] / s["decode_time"],
+        "decode_time_s": s["decode_time"],
+        "decode_steps": s["decode_steps"],
+        "images_encoded": s["images_encoded"],
+        "prefix_hit_rate": m.prefix_cache_hit_rate,
+        "vision_hit_rate": m.vision_cache_hit_rate,
+        "preemptions": m.preemptions,
+        "kv_blocks_total": m.kv_blocks_total,
+        "background_cpus": background,
+    }
+
+    # Batch-1 decode (weight-read bound) on a fresh image.
+    stats1 = dict(engine.runner.stats.__dict__)
+    solo = one(reqs[1][0], extras[1])
+    decode_time = engine.runner.stats.decode_time - stats1["decode_time"]
+    decode_steps = engine.runner.stats.decode_steps - stats1["decode_steps"]
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    weight_bytes = f["weight_params"] * itemsize
+    result["b1_decode_tok_per_s"] = decode_steps / decode_time
+    result["b1_decode_gbs"] = weight_bytes * decode_steps / decode_time / 1e9
+    result["b1_ttft_s"] = solo.metrics.time_to_first_token
+
+    # Follow-up TTFT: the first question on an unseen image, then a follow-up on it (median of 3 images).
+    firsts, follows = [], []
+    for probe in make_images(3, seed=4242):
+        pix = inputs.pixels(probe)
+        firsts.append(one(inputs.prompt_ids(REPORT), pix, 1).metrics)
+        follows.append(one(inputs.prompt_ids(EXTRA), pix, 1).metrics)
+    result["first_ttft_s"] = statistics.median(m.time_to_first_token for m in firsts)
+    result["follow_up_ttft_s"] = statistics.median(m.time_to_first_token for m in follows)
+    result["follow_up_cached_tokens"] = follows[0].cached_prompt_tokens
+    result["prompt_tokens_mean"] = statistics.mean(len(ids) for ids, _ in reqs)
+    result["image_tokens"] = lm.config.image_tokens
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["kv_cache_mb"] = engine.runner.pool.nbytes / 2**20
+    assert engine.block_manager.all_free()
+    return result
+
+
+# -- driver --------------------------------------------------------------------------------------
+
+
+def _spawn(args: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {args['mode']} {args['dtype']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(
+    quick: bool = False,
+    *,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    model_dir: str | Path | None = None,
+    write: bool | None = None,
+    max_batched: int = 4096,
+    retries: int = 2,
+    budget_s: float = 12 * 60,
+    doc: str | Path = ROOT / "docs" / "BENCHMARKS.md",
+    log=print,
+) -> dict:
+    """Run the benchmark; returns {dtype: {mode: results}} and writes the doc unless quick."""
+    n_images = 4 if quick else 16
+    out_tokens = 16 if quick else 64
+    subset = 2 if quick else 8
+    folder = Path(model_dir) if model_dir else Path(tempfile.gettempdir()) / "medlava-bench-model"
+    log(f"model: {folder} (building if absent)")
+    build_model(folder)
+    results: dict = {}
+    started = time.perf_counter()
+    common = dict(folder=str(folder), n_images=n_images, out_tokens=out_tokens)
+    for dtype in dtypes:
+        results[dtype] = {}
+        plan = [
+            ("a", dict(mode="a", subset=subset, batch=1)),
+            ("b", dict(mode="b", subset=0, batch=16)),
+            ("c", dict(mode="c", max_batched=max_batched)),
+        ]
+        for key, extra in plan:
+            # Other processes on the machine skew timings: rerun a mode that shared its CPUs
+            # (up to `retries` times, within the time budget) and keep its least disturbed run.
+            runs = []
+            while True:
+                log(f"[{dtype}] mode {key} ...")
+                t0 = time.perf_counter()
+                r = _spawn(common | extra | {"dtype": dtype}, timeout=1800)
+                runs.append(r)
+                log(
+                    f"[{dtype}] mode {key}: {time.perf_counter() - t0:.0f} s, {r['tok_per_s']:.1f} tok/s, "
+                    f"background load {r['background_cpus']:.2f} CPUs"
+                )
+                if r["background_cpus"] < 0.2 or len(runs) > retries or time.perf_counter() - started > budget_s:
+                    break
+            results[dtype][key] = min(runs, key=lambda r: r["background_cpus"])
+    table = format_table(results, n_images * 4, out_tokens, subset)
+    log(table)
+    if write if write is not None else not quick:
+        write_doc(Path(doc), table)
+        log(f"wrote {doc}")
+    return results
+
+
+TARGETS = {"c/a": 8.0, "c/b": 2.0, "follow-up": 0.30}
+
+
+def format_table(results: dict, n_req: int, out_tokens: int, subset: int) -> str:
+    names = {
+        "a": f"(a) HF generate, one at a time (first {subset} of {n_req})",
+        "b": "(b) HF generate, static batches of 16",
+        "c": "(c) medlava engine, all at once",
+    }
+    lines = [
+        "| dtype | mode | requests | output tok/s | requests/s | TTFT p50 (s) | TTFT p90 (s) | peak RSS (MB) | background CPUs |",
+        "|" + "---|" * 9,
+    ]
+    for dtype, modes in results.items():
+        for key in ("a", "b", "c"):
+            r = modes[key]
+            lines.append(
+                f"| {dtype} | {names[key]} | {r['requests']} | {r['tok_per_s']:.1f} | {r['req_per_s']:.3f} | "
+                f"{r['ttft_p50_s']:.2f} | {r['ttft_p90_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['background_cpus']:.2f} |"
+            )
+    lines += [
+        "",
+        "| dtype | c/a tok/s | c/b tok/s | engine prefill GFLOP/s | engine decode GFLOP/s (batch ~64) | "
+        "batch-1 decode: tok/s, weight GB/s | follow-up TTFT / first | prefix-cache hit | vision-cache hit |",
+        "|" + "---|" * 9,
+    ]
+    checks = []
+    for dtype, modes in results.items():
+        a, b, c = modes["a"], modes["b"], modes["c"]
+        roof = ROOFLINE_GFLOPS[dtype]
+        ca, cb = c["tok_per_s"] / a["tok_per_s"], c["tok_per_s"] / b["tok_per_s"]
+        fu = c["follow_up_ttft_s"] / c["first_ttft_s"]
+        lines.append(
+            f"| {dtype} | {ca:.1f}x | {cb:.1f}x | "
+            f"{c['prefill_gflops']:.0f} ({100 * c['prefill_gflops'] / roof:.0f} % of {roof:.0f}) | "
+            f"{c['decode_gflops']:.0f} ({100 * c['decode_gflops'] / roof:.0f} % of {roof:.0f}) | "
+            f"{c['b1_decode_tok_per_s']:.1f}, {c['b1_decode_gbs']:.1f} "
+            f"({100 * c['b1_decode_gbs'] / ROOFLINE_DECODE_GBS:.0f} % of {ROOFLINE_DECODE_GBS:.0f}) | "
+            f"{c['follow_up_ttft_s']:.3f} s / {c['first_ttft_s']:.3f} s = {100 * fu:.0f} % | "
+            f"{100 * c['prefix_hit_rate']:.0f} % | {100 * c['vision_hit_rate']:.0f} % |"
+        )
+        ok = lambda cond: "met" if cond else "MISSED"  # noqa: E731
+        checks.append(
+            f"- {dtype}: c/a {ca:.1f}x (target >= {TARGETS['c/a']:.0f}x: {ok(ca >= TARGETS['c/a'])}), "
+            f"c/b {cb:.1f}x (>= {TARGETS['c/b']:.0f}x: {ok(cb >= TARGETS['c/b'])}), "
+            f"follow-up TTFT {100 * fu:.0f} % of the first (<= {100 * TARGETS['follow-up']:.0f} %: "
+            f"{ok(fu <= TARGETS['follow-up'])})"
+        )
+    return "\n".join(lines + ["", "Targets:", "", *checks])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_doc(path: Path, table: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = f"### Results, {stamp}\n\nMachine: {machine()}\n\n{table}\n"
+    old = path.read_text() if path.exists() else ""
+    marker = "<!-- bench_engine results -->"
+    if marker in old:
+        head, _, _ = old.partition(marker)
+        path.write_text(f"{head}{marker}\n\n{section}")
+    else:
+        path.write_text((old.rstrip() + "\n\n" if old else "") + f"{marker}\n\n{section}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small workload, nothing written")
+    parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="default: both")
+    parser.add_argument("--model-dir", help="where the benchmark model is (built there if absent)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        w = json.loads(args.worker)
+        folder = Path(w["folder"])
+        if w["mode"] == "c":
+            res = worker_engine(folder, w["dtype"], w["n_images"], w["out_tokens"], w["max_batched"])
+        else:
+            res = worker_hf(folder, w["dtype"], w["mode"], w["n_images"], w["out_tokens"], w["subset"], w["batch"])
+        print(json.dumps(res))
+        return
+    run_benchmark(args.quick, dtypes=tuple(args.dtype or ("float32", "bfloat16")), model_dir=args.model_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Paged KV blocks: allocation, reference counts and the prefix cache.
+
+A full block is named by a hash chaining its parent block's hash, its token ids and its extra
+keys: the content hashes of the images whose placeholders it covers (placeholder ids are the
+same for every image, so without them two studies would share a cache entry). Blocks with a
+known hash stay reusable after their sequence frees them, until they are taken for new data in
+least-recently-freed order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from medlava.engine.sequence import Sequence
+
+
+def block_hash(parent: bytes | None, token_ids: list[int], extra_keys: tuple[str, ...] = ()) -> bytes:
+    h = hashlib.sha256()
+    if parent is not None:
+        h.update(parent)
+    h.update(array("q", token_ids).tobytes())
+    for key in extra_keys:
+        h.update(b"\x00image:" + key.encode())
+    return h.digest()
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: bytes | None = None
+        self.token_ids: list[int] = []
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one KV block of at least one token (got {num_blocks} x {block_size})")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks, oldest first: taken from the front, so cached blocks freed long ago go first.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[bytes, int] = {}
+        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.hit_tokens = 0  # of which found
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence holds (cached-but-free blocks count as free)."""
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return len(self.blocks) - len(self.free)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    # -- hashing ---------------------------------------------------------------------------------
+
+    def _hashes(self, seq: Sequence, n_full: int) -> list[bytes]:
+        """Hashes of seq's first `n_full` blocks (memoised on the sequence: full blocks never change)."""
+        hashes = seq.block_hashes
+        bs = self.block_size
+        while len(hashes) < n_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(block_hash(parent, seq.block_token_ids(i, bs), seq.block_image_hashes(i, bs)))
+        return hashes
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding seq's longest cached prefix. The block with the last token never counts:
+        it is recomputed so the step has that token's logits (and a shared block is never rewritten)."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        eligible = (len(seq) - 1) // bs
+        hits = []
+        for i, h in enumerate(self._hashes(seq, eligible)):
+            bid = self.hash_to_block.get(h)
+            if bid is None or self.blocks[bid].token_ids != seq.block_token_ids(i, bs):
+                break
+            hits.append(bid)
+        return hits
+
+    # -- allocation ------------------------------------------------------------------------------
+
+    def num_cached_tokens(self, seq: Sequence) -> int:
+        """Tokens of seq that `allocate` would find in the prefix cache now."""
+        return len(self._cached_prefix(seq)) * self.block_size
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq)
+        hits_now_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return seq.num_blocks(self.block_size) - len(hits) <= len(self.free) - hits_now_free
+
+    def _take_free(self) -> int:
+        bid, _ = self.free.popitem(last=False)
+        block = self.blocks[bid]
+        if block.hash is not None:  # evict its old contents from the prefix cache
+            if self.hash_to_block.get(block.hash) == bid:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = None, []
+        block.ref_count = 1
+        return bid
+
+    def _register(self, bid: int, h: bytes, token_ids: list[int]) -> None:
+        block = self.blocks[bid]
+        block.hash, block.token_ids = h, token_ids
+        self.hash_to_block[h] = bid
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give seq blocks for all its tokens, reusing cached ones; sets `seq.num_cached_tokens`."""
+        assert not seq.block_table, "sequence already holds blocks"
+        bs = self.block_size
+        hits = self._cached_prefix(seq)
+        for bid in hits:
+            block = self.blocks[bid]
+            if block.ref_count == 0:
+                del self.free[bid]
+            block.ref_count += 1
+            seq.block_table.append(bid)
+        n_full = len(seq) // bs
+        hashes = self._hashes(seq, n_full) if self.enable_prefix_caching else []
+        for i in range(len(hits), seq.num_blocks(bs)):
+            bid = self._take_free()
+            if i < len(hashes):  # full: its K/V is written this step, before anyone can read it
+                self._register(bid, hashes[i], seq.block_token_ids(i, bs))
+            seq.block_table.append(bid)
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * bs
+        if self.enable_prefix_caching:
+            self.queried_tokens += len(seq)
+            self.hit_tokens += seq.num_cached_tokens
+
+    def deallocate(self, seq: Sequence) -> None:
+        """Drop seq's references; blocks nobody holds become free (hashed ones stay findable)."""
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[bid] = None
+                if block.hash is None:  # nothing worth keeping: reuse it before cached blocks
+                    self.free.move_to_end(bid, last=False)
+        seq.block_table = []
+        seq.num_cached_tokens = seq.num_computed_tokens = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether seq's newest token has a slot (a new block is needed when it starts one)."""
+        return len(seq.block_table) >= seq.num_blocks(self.block_size) or len(self.free) > 0
+
+    def may_append(self, seq: Sequence) -> None:
+        """Make room for seq's newest token; register the last block once this step fills it."""
+        bs = self.block_size
+        if len(seq.block_table) < seq.num_blocks(bs):
+            seq.block_table.append(self._take_free())
+        if self.enable_prefix_caching and len(seq) % bs == 0:
+            i = len(seq) // bs - 1
+            h = self._hashes(seq, i + 1)[i]
+            self._register(seq.block_table[i], h, seq.block_token_ids(i, bs))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (after a failed step, when blocks may hold half-written K/V)."""
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, []
+
+    def all_free(self) -> bool:
+        return len(self.free) == len(self.blocks) and all(b.ref_count == 0 for b in self.blocks)

@@ -1,0 +1,150 @@
+"""The paged KV cache and the attention backend that reads and writes it.
+
+One step's tokens from all sequences arrive packed in a single [1, T] row. For every layer the
+backend first writes each new token's K/V into its slot (block id * block_size + offset), then
+attends each query causally over its own sequence's cached K/V, found through its block table:
+
+- decode (one new token per sequence): all sequences at once, K/V gathered into a padded
+  [B, L] buffer with a length mask, one `scaled_dot_product_attention` call (on CPU, in
+  groups of sequences whose gathered K/V fits in cache, so the copy is read back from cache
+  rather than memory);
+- prefill: sequence by sequence; a sequence with no cached prefix attends over its own fresh
+  K/V exactly as `decoder.attend` does, one with a cache hit over its gathered context.
+
+Sliding windows (Mistral) are masked as `decoder.attend` masks them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from medlava.model.config import TextConfig
+from medlava.model.decoder import attend
+
+
+class KVCachePool:
+    """K and V for every layer in preallocated [layers, num_blocks, block_size, kv_heads, head_dim] tensors."""
+
+    ZERO_CHUNK = 64  # blocks zeroed at a time
+
+    def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.zeroed = 0  # blocks [0, zeroed) hold finite values
+
+    def ensure_zeroed(self, block_id: int) -> None:
+        """Zero blocks up to `block_id` before first use. Attention reads unused slots (masked out,
+        but they must be finite: 0 * NaN is NaN); zeroing lazily keeps untouched memory unallocated
+        (blocks are handed out lowest id first)."""
+        if block_id >= self.zeroed:
+            end = min(self.num_blocks, max(block_id + 1, self.zeroed + self.ZERO_CHUNK))
+            self.k[:, self.zeroed : end].zero_()
+            self.v[:, self.zeroed : end].zero_()
+            self.zeroed = end
+
+    @staticmethod
+    def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class PrefillSeq:
+    """Where one sequence's new tokens sit in the packed row, and what it attends over."""
+
+    q_start: int  # first of its tokens in the packed row
+    q_len: int  # tokens computed this step
+    kv_len: int  # its tokens cached after this step (cached prefix + q_len)
+    block_table: torch.Tensor | None  # [n_blocks] when it has a cached prefix, else None
+
+
+@dataclass
+class StepContext:
+    slot_mapping: torch.Tensor  # [T] slot of each packed token
+    prefill: list[PrefillSeq] | None = None
+    # decode only
+    block_ids: torch.Tensor | None = None  # [B * max_blocks] padded block tables, flattened
+    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend
+    batch: int = 0
+
+
+class PagedAttention:
+    """An `AttentionBackend` over a `KVCachePool`; `set_context` before each forward."""
+
+    def __init__(self, pool: KVCachePool, num_heads: int, window: int | None, decode_chunk_bytes: int | None = None):
+        self.pool = pool
+        self.num_heads = num_heads
+        self.window = window
+        if decode_chunk_bytes is None:  # CPU: keep each group's gathered K/V within the last-level cache
+            decode_chunk_bytes = 4 << 20 if pool.k.device.type == "cpu" else 1 << 62
+        self.decode_chunk_bytes = decode_chunk_bytes
+        self.ctx: StepContext | None = None
+        self._buf_k: torch.Tensor | None = None
+        self._buf_v: torch.Tensor | None = None
+
+    def set_context(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    def _gather_buffers(self, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reused gather buffers of at least n_blocks blocks (grown, never shrunk)."""
+        if self._buf_k is None or self._buf_k.shape[0] < n_blocks:
+            shape = (n_blocks, *self.pool.k.shape[2:])
+            self._buf_k = torch.empty(shape, dtype=self.pool.k.dtype, device=self.pool.k.device)
+            self._buf_v = torch.empty_like(self._buf_k)
+        return self._buf_k[:n_blocks], self._buf_v[:n_blocks]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        pool = self.pool
+        kh, hd = pool.kv_heads, pool.head_dim
+        k_pool, v_pool = pool.k[layer], pool.v[layer]
+        # q [1, H, T, D]; k, v [1, KVH, T, D] -> slots [T, KVH, D]
+        k_pool.view(-1, kh, hd).index_copy_(0, ctx.slot_mapping, k[0].transpose(0, 1))
+        v_pool.view(-1, kh, hd).index_copy_(0, ctx.slot_mapping, v[0].transpose(0, 1))
+        if ctx.prefill is None:
+            return self._decode(q, k_pool, v_pool)
+        outs = []
+        for s in ctx.prefill:
+            q_i = q[:, :, s.q_start : s.q_start + s.q_len]
+            if s.block_table is None:  # nothing cached before: attend over its own fresh K/V
+                k_i = k[:, :, s.q_start : s.q_start + s.q_len]
+                v_i = v[:, :, s.q_start : s.q_start + s.q_len]
+            else:
+                k_i = k_pool.index_select(0, s.block_table).flatten(0, 1)[: s.kv_len].transpose(0, 1)[None]
+                v_i = v_pool.index_select(0, s.block_table).flatten(0, 1)[: s.kv_len].transpose(0, 1)[None]
+            outs.append(attend(q_i, k_i, v_i, self.window))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        b, h = ctx.batch, self.num_heads
+        kh, hd = self.pool.kv_heads, self.pool.head_dim
+        width = ctx.block_ids.shape[0] // b  # blocks per (padded) sequence
+        # Grouped-query attention without repeating K/V: the H/KVH query heads sharing a KV head
+        # become that head's "queries" (all at the same position, so the same mask row).
+        qg = q[0].transpose(0, 1).reshape(b, kh, h // kh, hd)
+        per_seq = 2 * k_pool[0].nbytes * width
+        group = max(1, min(b, self.decode_chunk_bytes // per_seq))
+        buf_k, buf_v = self._gather_buffers(group * width)
+        outs = []
+        for s in range(0, b, group):
+            e = min(b, s + group)
+            ids = ctx.block_ids[s * width : e * width]
+            bk, bv = buf_k[: (e - s) * width], buf_v[: (e - s) * width]
+            torch.index_select(k_pool, 0, ids, out=bk)
+            torch.index_select(v_pool, 0, ids, out=bv)
+            keys = bk.view(e - s, -1, kh, hd).transpose(1, 2)  # [n, KVH, L, D]
+            values = bv.view(e - s, -1, kh, hd).transpose(1, 2)
+            outs.append(F.scaled_dot_product_attention(qg[s:e], keys, values, attn_mask=ctx.mask[s:e]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.reshape(b, h, hd).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]

@@ -1,0 +1,200 @@
+"""The engine's public faces: `LLM.generate` (prompts, chat messages, images in any form) and the
+async streaming wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import pytest
+import torch
+
+from medlava.chat.image_processing import preprocess
+from medlava.chat.templates import build_prompt
+from medlava.chat.tokenize import tokenize_prompt
+from medlava.engine.llm import LLM
+from medlava.engine.llm_engine import AsyncLLMEngine, LLMEngine, render_messages
+from medlava.engine.reference import generate_reference
+from medlava.engine.sampling import SamplingParams
+from medlava.errors import ModelLoadError
+from medlava.model.demo import DEMO_MODEL
+from medlava.model.loader import load_model
+
+PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return load_model(model_dir("mistral-mlp2x-l1"))
+
+
+def expected(lm, prompt: str, image, params=PARAMS) -> list[int]:
+    ids = tokenize_prompt(lm.tokenizer, prompt, lm.config.image_token_id, lm.config.image_tokens)
+    pixels = preprocess(image, lm.image_processing)[None]
+    return generate_reference(lm.model, lm.tokenizer, ids, params, pixels=pixels).token_ids
+
+
+def png_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_llm_without_a_model_uses_the_demo_model_or_says_it_is_missing():
+    if (DEMO_MODEL / "config.json").is_file():
+        assert LLM().engine.lm.path == DEMO_MODEL
+    else:
+        with pytest.raises(ModelLoadError, match="no model given"):
+            LLM()
+
+
+def test_generate_prompts_and_messages(lm, xray_image, tmp_path):
+    llm = LLM(lm, block_size=4)
+    prompt = build_prompt(lm.conv_mode, "What modality is this?")
+    path = tmp_path / "xray.png"
+    xray_image.save(path)
+    flipped = xray_image.transpose(0)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What modality is this?"},
+                {"type": "image_url", "image_url": {"url": png_data_url(flipped)}},
+            ],
+        }
+    ]
+    outs = llm.generate(
+        [
+            {"prompt": prompt, "images": [xray_image]},
+            {"prompt": prompt, "images": [str(path)]},
+            {"messages": messages},
+        ],
+        PARAMS,
+        use_tqdm=False,
+    )
+    want = expected(lm, prompt, xray_image)
+    assert outs[0].token_ids == want and outs[1].token_ids == want  # PIL image and PNG path alike
+    assert outs[1].metrics.cached_prompt_tokens > 0  # same pixels, same hash: the prefix is shared
+    assert outs[2].token_ids == expected(lm, prompt, flipped.convert("RGB"))  # image first, as build_prompt
+    for out in outs:
+        assert out.finish_reason == "length" and len(out.token_ids) == 10
+        assert out.text == lm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        m = out.metrics
+        assert m.prompt_tokens > lm.config.image_tokens and m.output_tokens == 10
+        assert 0 <= m.queue_time <= m.time_to_first_token <= m.e2e_time
+    engine_m = llm.metrics()
+    assert engine_m.kv_blocks_used == 0 and engine_m.running == engine_m.waiting == 0
+
+
+def test_generate_takes_one_params_per_request(lm, xray_image):
+    llm = LLM(lm)
+    prompt = build_prompt(lm.conv_mode, "Findings?")
+    short, long = SamplingParams(max_tokens=2, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)
+    outs = llm.generate([{"prompt": prompt, "images": xray_image}] * 2, [short, long], use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [2, 5]
+    assert outs[1].token_ids[:2] == outs[0].token_ids
+    with pytest.raises(ValueError, match="2 requests"):
+        llm.generate([prompt, prompt], [short], use_tqdm=False)
+
+
+def test_bad_requests_are_refused_and_leave_nothing_behind(lm, xray_image):
+    llm = LLM(lm)
+    good = {"prompt": build_prompt(lm.conv_mode, "Q?"), "images": [xray_image]}
+    with pytest.raises(ValueError, match="image-token positions"):
+        llm.generate([good, {"prompt": "USER: no image here ASSISTANT:", "images": [xray_image]}], use_tqdm=False)
+    with pytest.raises(ValueError, match="never uses the network"):
+        llm.generate({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.org/x.png"}}]}]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="base64"):
+        llm.generate({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, use_tqdm=False)
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.all_free()
+
+
+def test_render_messages_uses_the_template():
+    from medlava.chat.templates import get_template
+
+    t = get_template("mistral_instruct")
+    prompt, images = render_messages(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "A chest film."},
+            {"role": "user", "content": "Any effusion?"},
+        ],
+        t,
+    )
+    assert images == ["a.png"]
+    assert prompt == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nWhat? [/INST] A chest film. </s>[INST] Any effusion? [/INST]"
+    plain, _ = render_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "Q"}]}], t)
+    assert plain == build_prompt(t, "Q")
+    with pytest.raises(ValueError, match="last message"):
+        render_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], t)
+    with pytest.raises(ValueError, match="alternate"):
+        render_messages([{"role": "assistant", "content": "hi"}], t)
+
+
+def test_async_engine_streams_and_aborts(lm, xray_image):
+    engine = AsyncLLMEngine(LLMEngine(lm, block_size=4))
+    prompt = build_prompt(lm.conv_mode, "What modality is this?")
+    want = expected(lm, prompt, xray_image, SamplingParams(max_tokens=12, ignore_eos=True))
+
+    async def collect(rid: str, params: SamplingParams, stop_after: int | None = None):
+        outs = []
+        async for out in engine.generate(rid, prompt, [xray_image], params):
+            outs.append(out)
+            if stop_after is not None and len(outs) == stop_after:
+                break  # the client went away: the request must be aborted
+        return outs
+
+    async def main():
+        return await asyncio.gather(
+            collect("a", SamplingParams(max_tokens=12, ignore_eos=True)),
+            collect("b", SamplingParams(max_tokens=40, ignore_eos=True), stop_after=3),
+            collect("c", SamplingParams(max_tokens=12, ignore_eos=True)),
+        )
+
+    try:
+        a, b, c = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for outs in (a, c):
+        assert [o.new_token_ids[0] for o in outs] == want
+        assert outs[-1].finished and outs[-1].token_ids == want
+        assert "".join(o.delta_text for o in outs) == outs[-1].text
+        assert not any(o.finished for o in outs[:-1])
+    assert len(b) == 3 and not b[-1].finished
+    assert not engine.engine.has_unfinished() and engine.engine.block_manager.all_free()
+
+
+def test_async_abort_ends_the_stream(lm, xray_image):
+    engine = AsyncLLMEngine(lm, block_size=4)
+    prompt = build_prompt(lm.conv_mode, "Q?")
+
+    async def main():
+        outs = []
+        async for out in engine.generate("x", prompt, [xray_image], SamplingParams(max_tokens=200, ignore_eos=True)):
+            outs.append(out)
+            if len(outs) == 2:
+                assert await engine.abort("x")
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    # Outputs already queued still arrive first; then the stream ends long before max_tokens.
+    assert outs[-1].finished and outs[-1].finish_reason == "abort" and len(outs[-1].token_ids) < 100
+    assert not any(o.finished for o in outs[:-1])
+    assert engine.metrics().kv_blocks_used == 0
+
+
+def test_embedding_a_generated_image_token_is_an_ordinary_token(lm):
+    model = lm.model
+    image_id = lm.config.image_token_id
+    ids = torch.tensor([[5, image_id]])
+    emb = model.embed(ids)  # no features: a decode step feeding back a generated <image>
+    assert torch.equal(emb[0, 1], model.decoder.embed_tokens.weight[image_id])
+    with pytest.raises(ValueError, match="image-token positions"):
+        model.embed(ids, torch.zeros(1, 2, lm.config.text.hidden_size))
