@@ -198,3 +198,14 @@ def test_embedding_a_generated_image_token_is_an_ordinary_token(lm):
     assert torch.equal(emb[0, 1], model.decoder.embed_tokens.weight[image_id])
     with pytest.raises(ValueError, match="image-token positions"):
         model.embed(ids, torch.zeros(1, 2, lm.config.text.hidden_size))
+
+
+def test_few_row_linear_matches_nn_linear():
+    from medlava.model.decoder import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=False)
+    for rows in (1, 2, 17, 300):
+        x = torch.randn(1, rows, 48)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-6, atol=1e-6)
+        assert layer(x).shape == (1, rows, 80) and layer(x).is_contiguous()

@@ -173,10 +173,7 @@ class ModelRunner:
         try:
             model = self.model
             hidden = model.decoder(model.embed(ids, feats, image_mask), positions, self.attn)[0]
-            if logits_at is not None:
-                hidden = hidden[logits_at]
-            # lm_head as W @ h^T: the same numbers as lm_head(h), but a faster GEMM shape on CPU.
-            logits = torch.mm(model.lm_head.weight, hidden.t()).t()
+            logits = model.lm_head(hidden if logits_at is None else hidden[logits_at])
         finally:
             self.attn.set_context(None)
         tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])

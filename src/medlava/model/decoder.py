@@ -43,6 +43,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` that computes a few rows on the CPU as (W @ x^T)^T.
+
+    The same products and sums (only the operand order of the GEMM call differs), but for
+    decode-sized inputs the BLAS picks a 10-35 % faster kernel for that shape.
+    """
+
+    FEW_ROWS = 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.bias is not None or x.device.type != "cpu" or not 1 < rows <= self.FEW_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -76,10 +93,10 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window
         d, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
+        self.q_proj = Linear(d, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, d, bias=bias)
 
     def forward(self, x, cos, sin, backend: AttentionBackend | None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -96,9 +113,9 @@ class SwiGLU(nn.Module):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported decoder activation {cfg.hidden_act!r} (expected silu)")
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

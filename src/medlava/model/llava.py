@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from medlava.model.config import LlavaConfig
-from medlava.model.decoder import AttentionBackend, Decoder
+from medlava.model.decoder import AttentionBackend, Decoder, Linear
 from medlava.model.projector import Projector
 from medlava.model.vision import VisionTower
 
@@ -20,7 +20,7 @@ class LlavaModel(nn.Module):
             cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias
         )
         self.decoder = Decoder(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.decoder.embed_tokens.weight
 
