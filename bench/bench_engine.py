@@ -280,8 +280,10 @@ def worker_engine(folder: Path, dtype: str, n_images: int, out_tokens: int, max_
 
     inputs, reqs, extras = prepared(folder, n_images)
     lm = load_model(folder, dtype=dtype)
+    # 8-token blocks (the engine's default is 16): on a CPU nothing favours bigger blocks, and a
+    # follow-up then recomputes ~40 tokens after the shared image prefix instead of ~48.
     # KV blocks for every request at full length, as if nothing were shared (+ the probes).
-    block = 16
+    block = 8
     num_blocks = sum(-(-(len(ids) + out_tokens) // block) for ids, _ in reqs) + 64
     engine = LLMEngine(
         lm, block_size=block, num_blocks=num_blocks, max_num_seqs=len(reqs), max_num_batched_tokens=max_batched
@@ -384,8 +386,8 @@ def run_benchmark(
     model_dir: str | Path | None = None,
     write: bool | None = None,
     max_batched: int = 4096,
-    retries: int = 2,
-    budget_s: float = 12 * 60,
+    rounds: int | None = None,
+    budget_s: float = 9 * 60,
     doc: str | Path = ROOT / "docs" / "BENCHMARKS.md",
     log=print,
 ) -> dict:
@@ -393,35 +395,38 @@ def run_benchmark(
     n_images = 4 if quick else 16
     out_tokens = 16 if quick else 64
     subset = 2 if quick else 8
+    rounds = rounds or (1 if quick else 2)
     folder = Path(model_dir) if model_dir else Path(tempfile.gettempdir()) / "medlava-bench-model"
     log(f"model: {folder} (building if absent)")
     build_model(folder)
-    results: dict = {}
+    results: dict = {dtype: {} for dtype in dtypes}
+    runs: dict = {(dtype, key): [] for dtype in dtypes for key in "abc"}
     started = time.perf_counter()
     common = dict(folder=str(folder), n_images=n_images, out_tokens=out_tokens)
-    for dtype in dtypes:
-        results[dtype] = {}
-        plan = [
-            ("a", dict(mode="a", subset=subset, batch=1)),
-            ("b", dict(mode="b", subset=0, batch=16)),
-            ("c", dict(mode="c", max_batched=max_batched)),
-        ]
-        for key, extra in plan:
-            # Other processes on the machine skew timings: rerun a mode that shared its CPUs
-            # (up to `retries` times, within the time budget) and keep its least disturbed run.
-            runs = []
-            while True:
-                log(f"[{dtype}] mode {key} ...")
+    plan = {
+        "a": dict(mode="a", subset=subset, batch=1),
+        "b": dict(mode="b", subset=0, batch=16),
+        "c": dict(mode="c", max_batched=max_batched),
+    }
+    # The machine's speed drifts (other tenants, memory bandwidth): every mode runs once per
+    # round, rounds interleave the modes, and each mode keeps its best run. A run that shared
+    # its CPUs with other processes (background load >= 0.2 CPUs) only counts if no other did.
+    for round_ in range(rounds):
+        if round_ and time.perf_counter() - started > budget_s:
+            log(f"time budget spent: {round_} round(s)")
+            break
+        for dtype in dtypes:
+            for key, extra in plan.items():
                 t0 = time.perf_counter()
                 r = _spawn(common | extra | {"dtype": dtype}, timeout=1800)
-                runs.append(r)
+                runs[dtype, key].append(r)
                 log(
-                    f"[{dtype}] mode {key}: {time.perf_counter() - t0:.0f} s, {r['tok_per_s']:.1f} tok/s, "
-                    f"background load {r['background_cpus']:.2f} CPUs"
+                    f"[round {round_ + 1}, {dtype}] mode {key}: {time.perf_counter() - t0:.0f} s, "
+                    f"{r['tok_per_s']:.1f} tok/s, background load {r['background_cpus']:.2f} CPUs"
                 )
-                if r["background_cpus"] < 0.2 or len(runs) > retries or time.perf_counter() - started > budget_s:
-                    break
-            results[dtype][key] = min(runs, key=lambda r: r["background_cpus"])
+    for (dtype, key), rs in runs.items():
+        quiet = [r for r in rs if r["background_cpus"] < 0.2] or [min(rs, key=lambda r: r["background_cpus"])]
+        results[dtype][key] = max(quiet, key=lambda r: r["tok_per_s"]) | {"runs": len(rs)}
     table = format_table(results, n_images * 4, out_tokens, subset, quick)
     log(table)
     if (not quick) if write is None else write:
@@ -524,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small workload, nothing written")
     parser.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="default: both")
     parser.add_argument("--model-dir", help="where the benchmark model is (built there if absent)")
+    parser.add_argument("--rounds", type=int, help="runs per mode, interleaved; the best counts (default 2, quick 1)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -535,7 +541,9 @@ def main(argv: list[str] | None = None) -> None:
             res = worker_hf(folder, w["dtype"], w["mode"], w["n_images"], w["out_tokens"], w["subset"], w["batch"])
         print(json.dumps(res))
         return
-    run_benchmark(args.quick, dtypes=tuple(args.dtype or ("float32", "bfloat16")), model_dir=args.model_dir)
+    run_benchmark(
+        args.quick, dtypes=tuple(args.dtype or ("float32", "bfloat16")), model_dir=args.model_dir, rounds=args.rounds
+    )
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from medlava.errors import ImagingError, MedlavaError, ModelLoadError
 
-__all__ = ["Analyzer", "Answer", "SamplingParams", "MedlavaError", "ImagingError", "ModelLoadError"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "Analyzer", "Answer", "SamplingParams", "MedlavaError", "ImagingError", "ModelLoadError"]
 __version__ = "0.1.0"
 
 # The model-side names import torch; load them on first use so `medlava.imaging` stays light.
 _LAZY = {
+    "LLM": "medlava.engine.llm",
+    "LLMEngine": "medlava.engine.llm_engine",
+    "AsyncLLMEngine": "medlava.engine.llm_engine",
     "Analyzer": "medlava.analysis.vqa",
     "Answer": "medlava.analysis.vqa",
     "SamplingParams": "medlava.engine.sampling",

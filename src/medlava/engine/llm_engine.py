@@ -156,15 +156,18 @@ class EngineMetrics:
 class LLMEngine:
     """Paged-KV, continuously batching LLaVA engine.
 
-    model: a model folder, an already loaded `LoadedModel`, or None for the shipped demo model.
+    model: a model folder, an already loaded `LoadedModel` (then dtype, device and vision_tower
+    are its own), or None for the shipped demo model.
     kv_cache_memory / num_blocks: the KV pool size in bytes or blocks (default: 1 GiB on CPU,
-    80 % of free memory on CUDA). enable_prefix_caching: share KV blocks between prompts with
-    the same prefix (images included) and keep recent images' vision features.
+    80 % of free memory on CUDA; memory is touched only as blocks are used).
+    max_num_seqs / max_num_batched_tokens: the running batch and a prefill step's token budget
+    (a longer prompt still runs, alone). enable_prefix_caching: share KV blocks between prompts
+    with the same prefix (images included) and keep the last `vision_cache_size` images' features.
     """
 
     def __init__(
         self,
-        model: str | Path | LoadedModel | None,
+        model: str | Path | LoadedModel | None = None,
         *,
         dtype: str | torch.dtype | None = None,
         device: str = "cpu",

@@ -92,7 +92,7 @@ class PagedAttention:
         self._buf_k: torch.Tensor | None = None
         self._buf_v: torch.Tensor | None = None
 
-    def set_context(self, ctx: StepContext) -> None:
+    def set_context(self, ctx: StepContext | None) -> None:
         self.ctx = ctx
 
     def _gather_buffers(self, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
