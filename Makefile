@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench
 
 $(BIN)/medlava: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ demo: setup
 	$(BIN)/medlava ask samples/phantom_brain_mass.nii.gz "What abnormality is seen?" --json
 
 lint: setup
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts bench
 
 test: lint
 	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/medlava bench

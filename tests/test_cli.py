@@ -50,6 +50,7 @@ def test_ask_plain_text_and_window(model_dir):
         (["ask", str(SAMPLES / "head_ct.dcm"), "q", "--model", "{model}", "--window", "lungs"], "unknown window"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "  ", "--model", "{model}"], "question is empty"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--conv-mode", "x"], "unknown conversation"),
+        (["bench", "--dtype", "float16"], "--dtype must be float32 or bfloat16"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(model_dir, args, words):
@@ -87,6 +88,13 @@ def test_convert_then_ask(model_dir, tmp_path):
 def test_every_documented_command_is_there():
     """The commands the README documents (a lost command once slipped through unnoticed)."""
     for command in (["ask"], ["convert"], ["synth"], ["train", "align"], ["train", "instruct"], ["train", "init"],
-                    ["train", "vision"], ["eval", "vqa"], ["eval", "score"]):
+                    ["train", "vision"], ["eval", "vqa"], ["eval", "score"], ["bench"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0, command
+
+
+@pytest.mark.slow
+def test_bench_quick_prints_the_table(tmp_path):
+    result = invoke("bench", "--quick", "--dtype", "float32", "--model-dir", tmp_path / "model")
+    assert result.exit_code == 0, result.output
+    assert "(c) medlava engine, all at once" in result.stdout and "follow-up TTFT / first" in result.stdout

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from medlava.chat.image_processing import preprocess
-from medlava.chat.templates import build_prompt
+from medlava.chat.messages import render_messages
+from medlava.chat.templates import build_prompt, get_template
 from medlava.chat.tokenize import tokenize_prompt
+from medlava.engine.async_engine import AsyncLLMEngine
 from medlava.engine.llm import LLM
-from medlava.engine.llm_engine import AsyncLLMEngine, LLMEngine, render_messages
+from medlava.engine.llm_engine import LLMEngine
 from medlava.engine.reference import generate_reference
 from medlava.engine.sampling import SamplingParams
 from medlava.errors import ModelLoadError
@@ -209,3 +213,26 @@ def test_few_row_linear_matches_nn_linear():
         x = torch.randn(1, rows, 48)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-6, atol=1e-6)
         assert layer(x).shape == (1, rows, 80) and layer(x).is_contiguous()
+
+
+def test_analyzer_answers_a_worklist_on_the_engine_as_the_reference_loop_does(model_dir):
+    from medlava.analysis.inputs import prepare
+    from medlava.analysis.vqa import Analyzer
+
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    analyzer = Analyzer(model_dir("mistral-mlp2x-l1"), block_size=4)
+    items = [(samples / "head_ct.dcm", "Any bleed?"), (samples / "chest_xray.dcm", "Effusion?"),
+             (samples / "head_ct.dcm", "What modality is this?")]
+    params = SamplingParams(max_tokens=6)
+    answers = analyzer.ask_many(items, params)
+    lm = analyzer.lm
+    for (image, question), answer in zip(items, answers, strict=True):
+        inp = prepare(lm, image, question)
+        ref = generate_reference(lm.model, lm.tokenizer, inp.input_ids, replace(params, stop=list(get_template(lm.conv_mode).stop)), inp.pixels)
+        assert answer.token_ids == ref.token_ids and answer.answer == ref.text.strip()
+        assert answer.prompt == inp.prompt and answer.modality == inp.study.modality
+    assert answers[2].token_ids == analyzer.ask(*items[2], params).token_ids
+    assert analyzer.llm.metrics().cached_prompt_tokens > 0  # the second CT question reused the first's prefix
+    with pytest.raises(ValueError, match="question is empty"):
+        analyzer.ask_many([items[0], (items[1][0], " ")])
+    assert analyzer.llm.engine.block_manager.all_free()

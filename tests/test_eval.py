@@ -80,12 +80,17 @@ class CountingAnalyzer:
 
     def __init__(self):
         self.calls: list[tuple[str, str]] = []
+        self.batches: list[int] = []
 
-    def ask(self, image, question, params):
+    def ask_many(self, items, params):
         from medlava.analysis.vqa import Answer
 
-        self.calls.append((Path(image).name, question))
-        return Answer("p", f"answer {len(self.calls)}", [1], "stop", "counting", None)
+        self.batches.append(len(items))
+        answers = []
+        for image, question in items:
+            self.calls.append((Path(image).name, question))
+            answers.append(Answer("p", f"answer {len(self.calls)}", [1], "stop", "counting", None))
+        return answers
 
 
 def test_run_resumes_and_chunks(tmp_path):
@@ -101,6 +106,19 @@ def test_run_resumes_and_chunks(tmp_path):
     lines = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [a["question_id"] for a in lines] == [1, 2, 3]
     assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+
+
+def test_run_batches_in_order(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(q) for q in gold_questions()))
+    answers = tmp_path / "a.jsonl"
+    analyzer, seen = CountingAnalyzer(), []
+    assert run_vqa(questions, SAMPLES, answers, analyzer, batch_size=2, progress=lambda d, t: seen.append((d, t))) == 3
+    assert analyzer.batches == [2, 1] and seen == [(2, 3), (3, 3)]
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [(a["question_id"], a["text"]) for a in lines] == [(1, "answer 1"), (2, "answer 2"), (3, "answer 3")]
+    with pytest.raises(MedlavaError, match="batch-size"):
+        run_vqa(questions, SAMPLES, answers, analyzer, batch_size=0)
 
 
 def test_shuffle_control_uses_other_images(tmp_path):

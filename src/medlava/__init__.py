@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "medlava.engine.llm",
     "LLMEngine": "medlava.engine.llm_engine",
-    "AsyncLLMEngine": "medlava.engine.llm_engine",
+    "AsyncLLMEngine": "medlava.engine.async_engine",
     "Analyzer": "medlava.analysis.vqa",
     "Answer": "medlava.analysis.vqa",
     "SamplingParams": "medlava.engine.sampling",

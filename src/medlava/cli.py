@@ -83,6 +83,37 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # in a source checkout
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="A small smoke workload; prints, writes nothing.")] = False,
+    dtype: Annotated[
+        list[str] | None, typer.Option("--dtype", help="float32 and/or bfloat16 (repeat; default: both).")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="The benchmark's random model (built there if absent).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Interleaved runs per mode; the best counts.")] = None,
+    block_size: Annotated[int, typer.Option(min=1, help="The engine's KV block size in tokens.")] = 16,
+) -> None:
+    """Engine throughput against Hugging Face generate (bench/bench_engine.py); the full run updates docs/BENCHMARKS.md."""
+    import importlib.util
+
+    dtypes = tuple(dtype or ("float32", "bfloat16"))
+    bad = sorted(set(dtypes) - {"float32", "bfloat16"})
+    if bad:
+        fail(f"--dtype must be float32 or bfloat16, got {', '.join(bad)}")
+    script = BENCH_DIR / "bench_engine.py"
+    if not script.is_file():
+        fail(f"{script} not found: benchmarks run from a source checkout (git clone, then pip install -e .)")
+    spec = importlib.util.spec_from_file_location("medlava_bench_engine", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.run_benchmark(quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size)
+
+
 train_app = typer.Typer(
     no_args_is_help=True, help="Train models: the demo model's stages, or fine-tune your own."
 )
@@ -217,6 +248,7 @@ def eval_vqa(
     num_chunks: Annotated[int, typer.Option(min=1)] = 1,
     chunk_idx: Annotated[int, typer.Option(min=0)] = 0,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions sent to the engine at once.")] = 64,
     shuffle_images: Annotated[
         int | None, typer.Option(help="Control run: give each question another study's image (seed).")
     ] = None,
@@ -241,6 +273,7 @@ def eval_vqa(
             num_chunks=num_chunks,
             chunk_idx=chunk_idx,
             max_tokens=max_tokens,
+            batch_size=batch_size,
             shuffle_images_seed=shuffle_images,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )

@@ -1,15 +1,13 @@
-"""Visual question answering on a study: the `Analyzer` clinicians' tools call."""
+"""Visual question answering on studies: the `Analyzer` clinicians' tools call, run on the engine."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
-from medlava.analysis.inputs import ImageInput, prepare
-from medlava.chat.templates import get_template
-from medlava.engine.reference import generate_reference
+from medlava.chat.images import ImageInput, open_image
+from medlava.chat.templates import build_prompt, get_template
+from medlava.engine.llm import LLM
 from medlava.engine.sampling import SamplingParams
 from medlava.model.demo import resolve_model
 from medlava.model.loader import LoadedModel, load_model
@@ -29,7 +27,11 @@ class Answer:
 
 
 class Analyzer:
-    """Loads a model once and answers questions about studies."""
+    """Loads a model once and answers questions about studies.
+
+    Engine options (`kv_cache_memory`, `max_num_seqs`, `enable_prefix_caching`, ...) pass through
+    to `LLMEngine`.
+    """
 
     def __init__(
         self,
@@ -39,12 +41,14 @@ class Analyzer:
         dtype: str | None = None,
         device: str = "cpu",
         conv_mode: str | None = None,
+        **engine_kwargs,
     ):
         path = resolve_model(model)  # None: the shipped demo model
         self.lm: LoadedModel = load_model(path, vision_tower=vision_tower, dtype=dtype, device=device)
         if conv_mode is not None:
             get_template(conv_mode)  # fail early on a typo
             self.lm.conv_mode = conv_mode
+        self.llm = LLM(self.lm, **engine_kwargs)
 
     def ask(
         self,
@@ -54,17 +58,38 @@ class Analyzer:
         *,
         window: str | None = None,
     ) -> Answer:
-        params = params or SamplingParams()
+        return self.ask_many([(image, question)], params, window=window)[0]
+
+    def ask_many(
+        self,
+        items: list[tuple[ImageInput, str]],
+        params: SamplingParams | None = None,
+        *,
+        window: str | None = None,
+    ) -> list[Answer]:
+        """Answer (image, question) pairs as one engine batch, in order.
+
+        Prompts put the image first, so questions about the same image share its cached prefix.
+        """
         template = get_template(self.lm.conv_mode)
+        params = params or SamplingParams()
         params = replace(params, stop=list(dict.fromkeys([*params.stop, *template.stop])))
-        inp = prepare(self.lm, image, question, window)
-        with torch.inference_mode():
-            gen = generate_reference(self.lm.model, self.lm.tokenizer, inp.input_ids, params, pixels=inp.pixels)
-        return Answer(
-            prompt=inp.prompt,
-            answer=gen.text.strip(),
-            token_ids=gen.token_ids,
-            finish_reason=gen.finish_reason,
-            model=self.lm.name,
-            modality=inp.study.modality if inp.study else None,
-        )
+        requests, studies = [], []
+        for image, question in items:
+            if not question.strip():
+                raise ValueError("the question is empty")
+            pil, study = open_image(image, window)
+            requests.append({"prompt": build_prompt(template, question.strip()), "images": [pil]})
+            studies.append(study)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [
+            Answer(
+                prompt=request["prompt"],
+                answer=out.text.strip(),
+                token_ids=out.token_ids,
+                finish_reason=out.finish_reason,
+                model=self.lm.name,
+                modality=study.modality if study else None,
+            )
+            for request, out, study in zip(requests, outputs, studies, strict=True)
+        ]

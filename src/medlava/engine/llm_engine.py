@@ -1,26 +1,21 @@
 """The engine: requests in (`add_request`), one batched step at a time (`step`), outputs back.
 
-`LLMEngine` is synchronous and single-threaded; `AsyncLLMEngine` drives it from a background
-thread and streams each request's outputs to an `async for` (what a server needs).
+`LLMEngine` is synchronous and single-threaded; `async_engine.AsyncLLMEngine` drives it from a
+background thread and streams each request's outputs (what a server needs).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import os
-import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from medlava.chat.image_processing import preprocess
-from medlava.chat.templates import IMAGE_PLACEHOLDER, Template, get_template
+from medlava.chat.images import ImageInput, open_image
+from medlava.chat.messages import render_messages
+from medlava.chat.templates import get_template
 from medlava.chat.tokenize import tokenize_prompt
 from medlava.engine.block_manager import BlockManager
 from medlava.engine.image_cache import image_hash
@@ -30,103 +25,13 @@ from medlava.engine.reference import eos_ids, find_stop
 from medlava.engine.sampling import SamplingParams
 from medlava.engine.scheduler import Scheduler
 from medlava.engine.sequence import ImageRef, RequestOutput, Sequence
-from medlava.imaging import Study, load_study
 from medlava.model.demo import resolve_model
 from medlava.model.loader import LoadedModel, load_model
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30  # bytes; on CUDA the default is a share of free GPU memory
 CUDA_KV_FRACTION = 0.8
 
-ImageLike = str | os.PathLike | bytes | Image.Image | Study | torch.Tensor
-
-
-# -- inputs --------------------------------------------------------------------------------------
-
-
-def decode_data_url(url: str) -> tuple[bytes, str]:
-    """`data:<mime>;base64,<payload>` -> (bytes, mime)."""
-    head, sep, payload = url.partition(",")
-    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
-        raise ValueError("image data URLs must look like data:<mime>;base64,<data>")
-    try:
-        return base64.b64decode(payload, validate=True), head[5:-7]
-    except (binascii.Error, ValueError):
-        raise ValueError("the image data URL holds invalid base64") from None
-
-
-def to_pil(image: ImageLike) -> Image.Image:
-    """The key image to show the model from a path, data URL, bytes, PIL image or `Study`."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, Study):
-        return image.key_image()
-    if isinstance(image, str):
-        if image.startswith("data:"):
-            data, mime = decode_data_url(image)
-            return load_study(data, mime=mime).key_image()
-        if image.startswith(("http://", "https://")):
-            raise ValueError(
-                "remote image URLs are not fetched (medlava never uses the network): "
-                "send the image as a data: URL or a local path"
-            )
-        image = image.removeprefix("file://")
-    if isinstance(image, str | os.PathLike | bytes):
-        return load_study(image).key_image()
-    raise ValueError(f"unsupported image type {type(image).__name__}: use a path, PIL image, Study or bytes")
-
-
-def _content(content) -> tuple[str, list]:
-    """OpenAI message content (a string or a list of parts) -> (text, images in order)."""
-    if content is None:
-        return "", []
-    if isinstance(content, str):
-        return content, []
-    texts, images = [], []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            texts.append(part.get("text", ""))
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not url:
-                raise ValueError("an image_url part has no url")
-            images.append(url)
-        elif kind == "image":
-            images.append(part.get("image"))
-        else:
-            raise ValueError(f"unsupported message content part {kind!r} (use 'text' or 'image_url')")
-    return "\n".join(texts), images
-
-
-def render_messages(messages: list[dict], template: Template) -> tuple[str, list]:
-    """OpenAI-style chat messages -> (prompt in the model's template, images in order).
-
-    Each user turn's images come first in that turn, as LLaVA was trained (`<image>\\n` + text).
-    """
-    system, turns, images = None, [], []
-    for m in messages:
-        role = m.get("role") if isinstance(m, dict) else None
-        text, imgs = _content(m.get("content") if isinstance(m, dict) else None)
-        if role == "system":
-            if turns or imgs:
-                raise ValueError("a system message must come first and hold text only")
-            system = text
-            continue
-        expected = "user" if len(turns) % 2 == 0 else "assistant"
-        if role != expected:
-            raise ValueError(
-                f"messages must alternate user and assistant turns starting with the user (got {role!r})"
-            )
-        if imgs and role != "user":
-            raise ValueError("only user messages may hold images")
-        turns.append(f"{IMAGE_PLACEHOLDER}\n" * len(imgs) + text)
-        images += imgs
-    if not turns or len(turns) % 2 == 0:
-        raise ValueError("the last message must be from the user")
-    if system is not None:
-        template = replace(template, system=system)
-    return template.render(turns), images
+ImageLike = ImageInput | torch.Tensor  # a tensor is taken as already preprocessed pixels
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -235,7 +140,7 @@ class LLMEngine:
             if pixels.dim() != 3:
                 raise ValueError(f"pixel tensors must be [3, H, W], got {tuple(image.shape)}")
             return pixels
-        return preprocess(to_pil(image), self.lm.image_processing)
+        return preprocess(open_image(image)[0], self.lm.image_processing)
 
     def make_sequence(
         self,
@@ -415,110 +320,3 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             images_encoded=stats.images_encoded,
         )
-
-
-# -- async ---------------------------------------------------------------------------------------
-
-
-class AsyncLLMEngine:
-    """Streams outputs per request while a background thread steps the shared `LLMEngine`.
-
-    `async for out in engine.generate(...)` yields one `RequestOutput` per new token, the last
-    with `finished=True`. Leaving the loop early (or cancelling the task) aborts the request.
-    """
-
-    def __init__(self, engine: LLMEngine | str | Path | LoadedModel | None, **engine_kwargs):
-        self.engine = engine if isinstance(engine, LLMEngine) else LLMEngine(engine, **engine_kwargs)
-        self._cv = threading.Condition()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="medlava-engine", daemon=True)
-            self._thread.start()
-
-    def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, queue = stream
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stopping and not self.engine.has_unfinished():
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:  # the step failed: fail every request rather than hang them
-                    for rid in list(self.engine.requests):
-                        self.engine.abort(rid)
-                        self._deliver(rid, e)
-                    continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | list[int] | None = None,
-        images: list[ImageLike] | None = None,
-        params: SamplingParams | None = None,
-        *,
-        messages: list[dict] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        loop = asyncio.get_running_loop()
-        # Reading and hashing images is slow: keep it off the event loop and outside the engine lock.
-        seq = await loop.run_in_executor(
-            None, lambda: self.engine.make_sequence(request_id, prompt, images, params, messages=messages)
-        )
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._cv:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self.engine.add_sequence(seq)
-            self._streams[request_id] = (loop, queue)
-            self._ensure_thread()
-            self._cv.notify()
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            with self._cv:
-                self._streams.pop(request_id, None)
-                if not finished:
-                    self.engine.abort(request_id)
-
-    async def abort(self, request_id: str) -> bool:
-        """Stop a request; its stream ends with a finished output whose finish_reason is "abort"."""
-        with self._cv:
-            seq = self.engine.requests.get(request_id)
-            if seq is None or not self.engine.abort(request_id):
-                return False
-            final = RequestOutput(
-                request_id, seq.text, seq.output_ids, finished=True, finish_reason="abort", metrics=seq.metrics
-            )
-            self._deliver(request_id, final)
-        return True
-
-    def metrics(self) -> EngineMetrics:
-        with self._cv:
-            return self.engine.metrics()
-
-    def shutdown(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None

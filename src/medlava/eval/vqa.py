@@ -55,35 +55,41 @@ def run_vqa(
     num_chunks: int = 1,
     chunk_idx: int = 0,
     max_tokens: int = 64,
+    batch_size: int = 64,
     shuffle_images_seed: int | None = None,
     progress=lambda done, total: None,
 ) -> int:
-    """Answer every question of this chunk not yet in `answers`; returns how many were added."""
-    todo = chunk(read_jsonl(questions), num_chunks, chunk_idx)
+    """Answer every question of this chunk not yet in `answers`; returns how many were added.
+
+    Questions go to the engine `batch_size` at a time; each batch's answers are written (in question
+    order) before the next starts, so an interrupted run loses at most one batch.
+    """
+    if batch_size < 1:
+        raise MedlavaError(f"--batch-size must be at least 1, got {batch_size}")
+    chunk_questions = chunk(read_jsonl(questions), num_chunks, chunk_idx)
     done = {a["question_id"] for a in read_jsonl(answers)} if Path(answers).is_file() else set()
-    swap = shuffled_images(todo, shuffle_images_seed) if shuffle_images_seed is not None else {}
+    swap = shuffled_images(chunk_questions, shuffle_images_seed) if shuffle_images_seed is not None else {}
+    todo = [q for q in chunk_questions if q["question_id"] not in done]
     params = SamplingParams(max_tokens=max_tokens)
-    added = 0
     Path(answers).parent.mkdir(parents=True, exist_ok=True)
     with open(answers, "a") as out:
-        for i, q in enumerate(todo):
-            if q["question_id"] in done:
-                continue
-            image = swap.get(q["question_id"], q["image"])
-            result = analyzer.ask(Path(image_folder) / image, q["text"], params)
-            record = {
-                "question_id": q["question_id"],
-                "prompt": q["text"],
-                "text": result.answer,
-                "answer_id": uuid.uuid4().hex,
-                "model_id": result.model,
-                "metadata": {"image": image, "finish_reason": result.finish_reason},
-            }
-            out.write(json.dumps(record) + "\n")
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            images = [swap.get(q["question_id"], q["image"]) for q in batch]
+            items = [(Path(image_folder) / image, q["text"]) for q, image in zip(batch, images, strict=True)]
+            for q, image, result in zip(batch, images, analyzer.ask_many(items, params), strict=True):
+                record = {
+                    "question_id": q["question_id"],
+                    "prompt": q["text"],
+                    "text": result.answer,
+                    "answer_id": uuid.uuid4().hex,
+                    "model_id": result.model,
+                    "metadata": {"image": image, "finish_reason": result.finish_reason},
+                }
+                out.write(json.dumps(record) + "\n")
             out.flush()
-            added += 1
-            progress(i + 1, len(todo))
-    return added
+            progress(len(chunk_questions) - len(todo) + start + len(batch), len(chunk_questions))
+    return len(todo)
 
 
 def score(answers: Path, gold: Path) -> dict:
