@@ -18,6 +18,7 @@ from medlava.chat.messages import render_messages
 from medlava.chat.templates import get_template
 from medlava.chat.tokenize import tokenize_prompt
 from medlava.engine.block_manager import BlockManager
+from medlava.engine.host_memory import keep_freed_memory
 from medlava.engine.image_cache import image_hash
 from medlava.engine.model_runner import ModelRunner
 from medlava.engine.paged_attention import KVCachePool
@@ -95,6 +96,8 @@ class LLMEngine:
             get_template(conv_mode)  # fail early on a typo
             self.lm.conv_mode = conv_mode
         self.model = self.lm.model
+        if self.model.device.type == "cpu":
+            keep_freed_memory()
         self.tokenizer = self.lm.tokenizer
         self.config = self.lm.config
         self.block_size = block_size
