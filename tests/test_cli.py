@@ -50,7 +50,12 @@ def test_ask_plain_text_and_window(model_dir):
         (["ask", str(SAMPLES / "head_ct.dcm"), "q", "--model", "{model}", "--window", "lungs"], "unknown window"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "  ", "--model", "{model}"], "question is empty"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--conv-mode", "x"], "unknown conversation"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--device", "tpu"], "unknown device"),
         (["bench", "--dtype", "float16"], "--dtype must be float32 or bfloat16"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--kv-cache-memory", "1K"],
+         "holds no KV block"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--kv-cache-memory", "64K"],
+         "raise kv_cache_memory"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(model_dir, args, words):
@@ -60,6 +65,15 @@ def test_bad_input_exits_nonzero_with_one_line(model_dir, args, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_kv_cache_memory_takes_sizes(model_dir):
+    model = model_dir("mistral-mlp2x-l1")
+    ok = invoke("ask", SAMPLES / "chest_xray.png", "Where?", "--model", model, "--max-tokens", "3",
+                "--kv-cache-memory", "8MiB", "--json")
+    assert ok.exit_code == 0, ok.output
+    bad = invoke("ask", SAMPLES / "chest_xray.png", "Where?", "--model", model, "--kv-cache-memory", "lots")
+    assert bad.exit_code == 2 and "not a positive size" in bad.output
 
 
 def test_text_file_renamed_dcm(model_dir, tmp_path):

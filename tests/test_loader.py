@@ -192,3 +192,9 @@ def test_unreadable_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{")
     with pytest.raises(ModelLoadError, match="cannot load the tokenizer"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(model_dir):
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load_model(model_dir("mistral-mlp2x-l1"), device="cuda")

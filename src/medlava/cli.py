@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Local, priva
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="Model folder (HF Llava or LLaVA-Med).")]
 VisionTowerOpt = Annotated[
     Path | None, typer.Option("--vision-tower", help="Local CLIP folder for original LLaVA-Med checkpoints.")
+]
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512M', '1073741824' -> bytes (K, M, G are binary units, with or without 'iB'/'B')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmg])(?:i?b)?)?\s*", text, re.IGNORECASE)
+    value = float(m[1]) * 1024 ** " kmg".index((m[2] or " ").lower()) if m else 0
+    if value < 1:
+        raise typer.BadParameter(f"{text!r} is not a positive size: use e.g. 2GiB, 512MiB or a number of bytes")
+    return int(value)
+
+
+KvMemoryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--kv-cache-memory",
+        parser=parse_size,
+        metavar="SIZE",
+        help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU, 80% of free GPU memory).",
+    ),
 ]
 
 
@@ -47,6 +68,7 @@ def ask(
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")
     ] = None,
     device: str = "cpu",
+    kv_cache_memory: KvMemoryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Answer QUESTION about IMAGE."""
@@ -58,7 +80,13 @@ def ask(
     )
     study = run_guarded(load_study, image, window=window)  # before the (slow) model load
     analyzer = run_guarded(
-        Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device, conv_mode=conv_mode
+        Analyzer,
+        model,
+        vision_tower=vision_tower,
+        dtype=dtype,
+        device=device,
+        conv_mode=conv_mode,
+        kv_cache_memory=kv_cache_memory,
     )
     result = run_guarded(analyzer.ask, study, question, params)
     if as_json:
@@ -254,6 +282,7 @@ def eval_vqa(
     ] = None,
     dtype: str | None = None,
     device: str = "cpu",
+    kv_cache_memory: KvMemoryOpt = None,
 ) -> None:
     """Answer every question of a model_vqa file (one chunk of it with --num-chunks/--chunk-idx)."""
     from rich.progress import Progress
@@ -261,7 +290,9 @@ def eval_vqa(
     from medlava import Analyzer
     from medlava.eval.vqa import run_vqa
 
-    analyzer = run_guarded(Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device)
+    analyzer = run_guarded(
+        Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory
+    )
     with Progress(transient=True) as bar:
         task = bar.add_task("answering", total=None)
         added = run_guarded(

@@ -145,6 +145,22 @@ def build_empty(cfg: LlavaConfig, dtype: torch.dtype, device: str | torch.device
     return model
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device to load onto, or a ModelLoadError saying why it cannot be used."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} is not available: this machine or torch build has no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} is not available: {torch.cuda.device_count()} GPU(s) found")
+    elif dev.type != "cpu":
+        raise ModelLoadError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return dev
+
+
 def load_model(
     path: str | Path,
     *,
@@ -153,6 +169,7 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
     """Load a model folder; raises ModelLoadError with one clear line when it cannot."""
+    device = check_device(device)
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"model folder not found: {folder}")
