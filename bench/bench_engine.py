@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from medlava.errors import MedlavaError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Peak rates of the 2-core reference machine (AMD EPYC Zen 4, AVX-512 BF16), used as rooflines.
@@ -374,7 +376,7 @@ def _spawn(args: dict, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker {args['mode']} {args['dtype']} failed:\n{proc.stderr[-3000:]}")
+        raise MedlavaError(f"benchmark worker {args['mode']} {args['dtype']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -391,7 +393,13 @@ def run_benchmark(
     doc: str | Path = ROOT / "docs" / "BENCHMARKS.md",
     log=print,
 ) -> dict:
-    """Run the benchmark; returns {dtype: {mode: results}} and writes the doc unless quick."""
+    """Run the benchmark; returns {dtype: {mode: results}}.
+
+    Writes the doc only for the documented configuration (full workload, both dtypes, the
+    engine's default block size) unless `write` says otherwise.
+    """
+    if block_size < 1:
+        raise MedlavaError(f"--block-size must be at least 1, got {block_size}")
     n_images = 4 if quick else 16
     out_tokens = 16 if quick else 64
     subset = 2 if quick else 8
@@ -429,9 +437,12 @@ def run_benchmark(
         results[dtype][key] = max(quiet, key=lambda r: r["tok_per_s"]) | {"runs": len(rs)}
     table = format_table(results, n_images * 4, out_tokens, subset, quick, block_size)
     log(table)
-    if (not quick) if write is None else write:
+    documented = not quick and set(dtypes) == {"float32", "bfloat16"} and block_size == 16
+    if documented if write is None else write:
         write_doc(Path(doc), table)
         log(f"wrote {doc}")
+    elif not quick:
+        log(f"not written to {doc}: only runs of both dtypes with 16-token blocks are recorded there")
     return results
 
 

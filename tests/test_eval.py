@@ -121,6 +121,20 @@ def test_run_batches_in_order(tmp_path):
         run_vqa(questions, SAMPLES, answers, analyzer, batch_size=0)
 
 
+def test_resume_drops_a_torn_last_line_and_bad_questions_are_named(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(q) for q in gold_questions()))
+    answers = tmp_path / "a.jsonl"
+    run_vqa(questions, SAMPLES, answers, CountingAnalyzer(), num_chunks=3, chunk_idx=0)
+    with open(answers, "a") as f:
+        f.write('{"question_id": 2, "te')  # what a kill in the middle of a write leaves
+    assert run_vqa(questions, SAMPLES, answers, CountingAnalyzer()) == 2
+    assert [json.loads(line)["question_id"] for line in answers.read_text().splitlines()] == [1, 2, 3]
+    questions.write_text(json.dumps({"question_id": 9, "text": "no image"}))
+    with pytest.raises(MedlavaError, match="line 1: .* missing image"):
+        run_vqa(questions, SAMPLES, tmp_path / "b.jsonl", CountingAnalyzer())
+
+
 def test_shuffle_control_uses_other_images(tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text("\n".join(json.dumps(q) for q in gold_questions()))

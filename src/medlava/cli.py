@@ -139,7 +139,7 @@ def bench(
     spec = importlib.util.spec_from_file_location("medlava_bench_engine", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.run_benchmark(quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size)
+    run_guarded(module.run_benchmark, quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size)
 
 
 train_app = typer.Typer(

@@ -23,8 +23,6 @@ class PreparedInput:
 
 
 def prepare(lm: LoadedModel, image: ImageInput, question: str, window: str | None = None) -> PreparedInput:
-    if not question.strip():
-        raise ValueError("the question is empty")
     pil, study = open_image(image, window)
     prompt = build_prompt(lm.conv_mode, question.strip())
     ids = tokenize_prompt(lm.tokenizer, prompt, lm.config.image_token_id, lm.config.image_tokens)

@@ -45,10 +45,7 @@ class Analyzer:
     ):
         path = resolve_model(model)  # None: the shipped demo model
         self.lm: LoadedModel = load_model(path, vision_tower=vision_tower, dtype=dtype, device=device)
-        if conv_mode is not None:
-            get_template(conv_mode)  # fail early on a typo
-            self.lm.conv_mode = conv_mode
-        self.llm = LLM(self.lm, **engine_kwargs)
+        self.llm = LLM(self.lm, conv_mode=conv_mode, **engine_kwargs)  # checks and sets lm.conv_mode
 
     def ask(
         self,
@@ -76,10 +73,9 @@ class Analyzer:
         params = replace(params, stop=list(dict.fromkeys([*params.stop, *template.stop])))
         requests, studies = [], []
         for image, question in items:
-            if not question.strip():
-                raise ValueError("the question is empty")
+            prompt = build_prompt(template, question.strip())  # refuses an empty question
             pil, study = open_image(image, window)
-            requests.append({"prompt": build_prompt(template, question.strip()), "images": [pil]})
+            requests.append({"prompt": prompt, "images": [pil]})
             studies.append(study)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [

@@ -83,6 +83,8 @@ def build_prompt(template: str | Template, question: str, history: list[tuple[st
 
     `history` holds earlier (question, answer) pairs about the same image.
     """
+    if not question.strip():
+        raise ValueError("the question is empty")
     t = template if isinstance(template, Template) else get_template(template)
     turns: list[str] = []
     for q, a in history:

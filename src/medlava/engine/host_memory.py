@@ -10,25 +10,24 @@ The price: the process keeps its peak heap instead of shrinking after a large ba
 from __future__ import annotations
 
 import ctypes
-import sys
+import platform
 
 M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
 KEEP_BYTES = 1 << 30  # allocations above this still get their own mapping
 
-_done = False
+_result: bool | None = None
 
 
 def keep_freed_memory() -> bool:
-    """Tune glibc's malloc once per process; False where there is no glibc (macOS, musl, Windows)."""
-    global _done
-    if _done:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
-    except (OSError, AttributeError):
-        return False
-    return _done
+    """Tune glibc's malloc (once per process); False where that is not possible (no glibc: macOS, musl, Windows)."""
+    global _result
+    if _result is None:
+        _result = False
+        if platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _result = all(libc.mallopt(opt, KEEP_BYTES) == 1 for opt in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
+            except (OSError, AttributeError):
+                pass
+    return _result

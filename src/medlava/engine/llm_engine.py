@@ -189,7 +189,7 @@ class LLMEngine:
         if need > self.block_manager.num_blocks:
             raise ValueError(
                 f"request {request_id!r} needs up to {need} KV blocks ({len(ids)} prompt + {budget} new tokens) "
-                f"but the cache holds {self.block_manager.num_blocks}: raise kv_cache_memory or lower max_tokens"
+                f"but the cache holds {self.block_manager.num_blocks}: raise kv_cache_memory (--kv-cache-memory) or lower max_tokens"
             )
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         return Sequence(

@@ -46,6 +46,29 @@ def shuffled_images(questions: list[dict], seed: int) -> dict[int, str]:
     return {q["question_id"]: mapping[q["image"]] for q in questions}
 
 
+QUESTION_FIELDS = ("question_id", "image", "text")
+
+
+def read_questions(path: Path) -> list[dict]:
+    questions = read_jsonl(path)
+    for i, q in enumerate(questions, 1):
+        missing = [f for f in QUESTION_FIELDS if not isinstance(q, dict) or f not in q]
+        if missing:
+            raise MedlavaError(f"{path} line {i}: a question needs {', '.join(QUESTION_FIELDS)}; missing {', '.join(missing)}")
+    return questions
+
+
+def answered_ids(answers: Path) -> set:
+    """Question ids already answered; a last line cut short by a killed run is dropped first."""
+    path = Path(answers)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+    return {a["question_id"] for a in read_jsonl(path)}
+
+
 def run_vqa(
     questions: Path,
     image_folder: Path,
@@ -66,8 +89,8 @@ def run_vqa(
     """
     if batch_size < 1:
         raise MedlavaError(f"--batch-size must be at least 1, got {batch_size}")
-    chunk_questions = chunk(read_jsonl(questions), num_chunks, chunk_idx)
-    done = {a["question_id"] for a in read_jsonl(answers)} if Path(answers).is_file() else set()
+    chunk_questions = chunk(read_questions(questions), num_chunks, chunk_idx)
+    done = answered_ids(answers)
     swap = shuffled_images(chunk_questions, shuffle_images_seed) if shuffle_images_seed is not None else {}
     todo = [q for q in chunk_questions if q["question_id"] not in done]
     params = SamplingParams(max_tokens=max_tokens)
@@ -77,16 +100,21 @@ def run_vqa(
             batch = todo[start : start + batch_size]
             images = [swap.get(q["question_id"], q["image"]) for q in batch]
             items = [(Path(image_folder) / image, q["text"]) for q, image in zip(batch, images, strict=True)]
-            for q, image, result in zip(batch, images, analyzer.ask_many(items, params), strict=True):
-                record = {
-                    "question_id": q["question_id"],
-                    "prompt": q["text"],
-                    "text": result.answer,
-                    "answer_id": uuid.uuid4().hex,
-                    "model_id": result.model,
-                    "metadata": {"image": image, "finish_reason": result.finish_reason},
-                }
-                out.write(json.dumps(record) + "\n")
+            lines = [
+                json.dumps(
+                    {
+                        "question_id": q["question_id"],
+                        "prompt": q["text"],
+                        "text": result.answer,
+                        "answer_id": uuid.uuid4().hex,
+                        "model_id": result.model,
+                        "metadata": {"image": image, "finish_reason": result.finish_reason},
+                    }
+                )
+                + "\n"
+                for q, image, result in zip(batch, images, analyzer.ask_many(items, params), strict=True)
+            ]
+            out.write("".join(lines))  # one write per batch: a kill leaves at most a torn last line
             out.flush()
             progress(len(chunk_questions) - len(todo) + start + len(batch), len(chunk_questions))
     return len(todo)
