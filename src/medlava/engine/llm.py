@@ -31,14 +31,12 @@ def request_args(request: str | dict) -> dict:
     images = request.get("images") or []
     if not isinstance(images, list | tuple):
         images = [images]
-    if "messages" in request:
-        if "prompt" in request or "prompt_token_ids" in request or images:
-            raise ValueError("a request with messages takes its images from them: drop prompt and images")
-        return {"messages": request["messages"]}
-    prompt = request.get("prompt", request.get("prompt_token_ids"))
-    if prompt is None:
-        raise ValueError("a request needs 'prompt', 'prompt_token_ids' or 'messages'")
-    return {"prompt": prompt, "images": list(images)}
+    # Which combinations make a request is `LLMEngine.make_sequence`'s to check.
+    return {
+        "prompt": request.get("prompt", request.get("prompt_token_ids")),
+        "images": list(images),
+        "messages": request.get("messages"),
+    }
 
 
 class LLM:

@@ -160,10 +160,10 @@ class LLMEngine:
         cfg = self.config
         if messages is not None:
             if prompt is not None or images:
-                raise ValueError("give either messages or a prompt with images, not both")
+                raise ValueError("a request with messages takes its images from them: give no prompt or images")
             prompt, images = render_messages(messages, get_template(self.lm.conv_mode))
         if prompt is None:
-            raise ValueError("a request needs a prompt or messages")
+            raise ValueError("a request needs a prompt (text or token ids) or messages")
         if isinstance(prompt, str):
             ids = tokenize_prompt(self.tokenizer, prompt, cfg.image_token_id, cfg.image_tokens)
         else:
