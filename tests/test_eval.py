@@ -82,7 +82,7 @@ class CountingAnalyzer:
         self.calls: list[tuple[str, str]] = []
         self.batches: list[int] = []
 
-    def ask_many(self, items, params):
+    def ask_many(self, items, params, volumes="auto"):
         from medlava.analysis.vqa import Answer
 
         self.batches.append(len(items))

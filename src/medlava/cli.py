@@ -37,6 +37,13 @@ KvMemoryOpt = Annotated[
 ]
 
 
+VolumesOpt = Annotated[
+    str,
+    typer.Option("--volumes", help="auto: read a series or volume whole and answer on its most telling slice; "
+                 "middle: look at the middle slice only."),
+]
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -78,7 +85,7 @@ def ask(
     params = run_guarded(
         SamplingParams, temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens
     )
-    study = run_guarded(load_study, image, window=window)  # before the (slow) model load
+    study = run_guarded(load_study, image, window=window, key_slices=None)  # a volume whole; before the (slow) model load
     analyzer = run_guarded(
         Analyzer,
         model,
@@ -96,6 +103,98 @@ def ask(
 
 
 @app.command()
+def explain(
+    image: Annotated[str, typer.Argument(help=".dcm, DICOM folder, .nii/.nii.gz, .png or .jpg")],
+    question: Annotated[str, typer.Argument(help="A question whose answer names a finding to localise.")],
+    out: Annotated[Path, typer.Option("--out", help="Overlay PNG to write (the study's own size).")],
+    method: Annotated[str, typer.Option(help="relevance (attention relevance) or occlusion.")] = "relevance",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    model: ModelOpt = None,
+    vision_tower: VisionTowerOpt = None,
+    window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    device: str = "cpu",
+) -> None:
+    """Answer QUESTION about IMAGE and show where the answer came from (peak, box, heatmap PNG)."""
+    from medlava import Analyzer
+    from medlava.analysis.grounding import METHODS
+    from medlava.imaging import load_study
+
+    if method not in METHODS:
+        fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    study = run_guarded(load_study, image, window=window, key_slices=None)  # a volume whole; before the (slow) model load
+    analyzer = run_guarded(Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device)
+    result = run_guarded(analyzer.explain, study, question, method)  # "no" answers: nothing to localise
+    run_guarded(result.save_overlay, out)
+    typer.echo(json.dumps(result.to_dict()) if as_json else result.answer)
+
+
+REPORT_FORMATS = ("text", "json", "fhir", "sr")
+GroundingOpt = Annotated[
+    str, typer.Option("--grounding", help="How findings get their boxes: relevance, occlusion or none.")
+]
+
+
+def check_grounding(grounding: str) -> None:
+    from medlava.analysis.grounding import METHODS
+
+    if grounding not in (*METHODS, "none"):
+        fail(f"--grounding must be one of {', '.join(METHODS)}, none; got {grounding!r}")
+
+
+@app.command()
+def report(
+    image: Annotated[str, typer.Argument(help=".dcm, DICOM folder, .nii/.nii.gz, .png or .jpg")],
+    fmt: Annotated[str, typer.Option("--format", help="text (Markdown), json, fhir (R4B Bundle) or sr (DICOM SR).")] = "text",
+    out: Annotated[Path | None, typer.Option("--out", help="File to write (default: stdout; sr needs it).")] = None,
+    model: ModelOpt = None,
+    vision_tower: VisionTowerOpt = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    device: str = "cpu",
+    kv_cache_memory: KvMemoryOpt = None,
+    grounding: GroundingOpt = "relevance",
+) -> None:
+    """Draft a structured radiology report of IMAGE (an AI draft for a clinician to review)."""
+    from medlava import Analyzer, SamplingParams
+    from medlava.imaging import load_study
+
+    if fmt not in REPORT_FORMATS:
+        fail(f"--format must be one of {', '.join(REPORT_FORMATS)}, got {fmt!r}")
+    check_grounding(grounding)
+    if fmt == "sr":
+        from medlava.analysis.sr import source_frames
+
+        if out is None:
+            fail("--format sr writes a DICOM file: give it --out FILE.dcm (it cannot go to stdout)")
+        run_guarded(source_frames, image)  # only DICOM can be an SR's source: refuse others before the model loads
+    study = run_guarded(load_study, image, window=window, key_slices=None)  # a volume whole
+    analyzer = run_guarded(Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device,
+                           kv_cache_memory=kv_cache_memory)
+    result = run_guarded(analyzer.report, study, SamplingParams(max_tokens=max_tokens),
+                         grounding=None if grounding == "none" else grounding)
+    if fmt == "sr":
+        from medlava.analysis.sr import report_sr
+
+        sr = run_guarded(report_sr, result, image)
+        run_guarded(sr.save_as, out, enforce_file_format=True)
+        typer.echo(f"wrote {out} (DICOM SR, {len(result.findings)} finding(s); unverified AI draft)")
+        return
+    if fmt == "fhir":
+        from medlava.analysis.fhir import report_fhir_json
+
+        text = report_fhir_json(result)
+    else:
+        text = result.model_dump_json(indent=2) if fmt == "json" else result.to_markdown()
+    if out is None:
+        typer.echo(text)
+    else:
+        run_guarded(out.write_text, text if text.endswith("\n") else text + "\n")
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Original LLaVA-Med (or any loadable) model folder.")],
     dst: Annotated[Path, typer.Argument(help="Where to write the Hugging Face Llava folder.")],
@@ -109,6 +208,26 @@ def convert(
         fail(f"{dst} exists and is not empty; choose a new folder")
     out = run_guarded(do_convert, src, dst, vision_tower=vision_tower, dtype=dtype)
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def deid(
+    src: Annotated[Path, typer.Argument(metavar="IN", help="A DICOM file, or a folder (searched recursively).")],
+    dst: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output file (or folder to write into); for a folder, a new mirror tree.")
+    ],
+    key: Annotated[
+        str | None,
+        typer.Option(envvar="MEDLAVA_DEID_KEY", help="Secret that makes new UIDs repeatable across runs (default: random)."),
+    ] = None,
+) -> None:
+    """De-identify DICOM with the PS3.15 Basic Application Level Confidentiality Profile."""
+    from medlava.imaging.deid import deidentify_tree
+
+    summary = run_guarded(deidentify_tree, src, dst, key=key)
+    for message, count in summary.warnings.items():  # counts only: file names can hold PHI
+        typer.echo(f"warning: {message} ({count} file{'s' * (count != 1)})", err=True)
+    typer.echo(str(summary))
 
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # in a source checkout
@@ -253,11 +372,15 @@ def synth(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of studies.")] = 100,
     seed: int = 0,
     size: Annotated[int, typer.Option(help="Image size in pixels.")] = 224,
+    volumes: Annotated[
+        bool, typer.Option("--volumes", help="CT series and MRI masses off the middle slice (tests volume analysis).")
+    ] = False,
 ) -> None:
     """Write a synthetic phantom world: images with known findings, questions, instructions, reports."""
     from medlava.train.synthetic import main as synth_main
 
-    code = synth_main(["--out", str(out), "--n", str(n), "--seed", str(seed), "--size", str(size)])
+    argv = ["--out", str(out), "--n", str(n), "--seed", str(seed), "--size", str(size)]
+    code = synth_main(argv + (["--volumes"] if volumes else []))
     if code:
         raise typer.Exit(code)
 
@@ -280,6 +403,7 @@ def eval_vqa(
     shuffle_images: Annotated[
         int | None, typer.Option(help="Control run: give each question another study's image (seed).")
     ] = None,
+    volumes: VolumesOpt = "auto",
     dtype: str | None = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
@@ -306,6 +430,7 @@ def eval_vqa(
             max_tokens=max_tokens,
             batch_size=batch_size,
             shuffle_images_seed=shuffle_images,
+            volumes=volumes,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     typer.echo(f"answered {added} questions; answers in {answers}")
@@ -328,3 +453,38 @@ def eval_score(
     target = out or answers.with_suffix(".scores.json")
     target.write_text(json.dumps(result, indent=1))
     typer.echo(f"scores saved to {target}")
+
+
+@eval_app.command("report")
+def eval_report(
+    world: WorldOpt,
+    model: ModelOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Reports JSONL to write (scores beside it).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Studies sent to the engine at once.")] = 64,
+    grounding: GroundingOpt = "relevance",
+    dtype: str | None = None,
+    device: str = "cpu",
+) -> None:
+    """Draft a report for every study of a phantom world and score its findings against the truth."""
+    from rich.console import Console
+
+    from medlava import Analyzer, SamplingParams
+    from medlava.eval.reports import evaluate_reports, read_world, write_reports
+    from medlava.eval.table import report_table
+
+    check_grounding(grounding)
+    studies = run_guarded(read_world, world)
+    analyzer = run_guarded(Analyzer, model, dtype=dtype, device=device)
+    images = [str(Path(world) / "images" / s.image) for s in studies]
+    params = SamplingParams(max_tokens=max_tokens)
+    reports = []
+    for start in range(0, len(images), batch_size):
+        reports += run_guarded(analyzer.report_many, images[start : start + batch_size], params,
+                               grounding=None if grounding == "none" else grounding)
+    result = run_guarded(evaluate_reports, world, reports)
+    Console(width=140).print(report_table(result))
+    target = out or Path(world) / "reports.eval.jsonl"
+    write_reports(target, studies, reports)
+    target.with_suffix(".scores.json").write_text(json.dumps(result, indent=1))
+    typer.echo(f"reports in {target}; scores in {target.with_suffix('.scores.json')}")

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from medlava.analysis.report import Report
+from medlava.analysis.volumes import answer_volumes, is_volume, position_of, slice_index, slice_study, slice_z
 from medlava.chat.images import ImageInput, open_image
 from medlava.chat.templates import build_prompt, get_template
 from medlava.engine.llm import LLM
 from medlava.engine.sampling import SamplingParams
 from medlava.model.demo import resolve_model
 from medlava.model.loader import LoadedModel, load_model
+
+VOLUME_MODES = ("auto", "middle")
 
 
 @dataclass
@@ -21,6 +25,9 @@ class Answer:
     finish_reason: str
     model: str
     modality: str | None
+    slice: int | None = None  # for a series or volume: the slice the answer was read on
+    slice_z_mm: float | None = None  # and its ImagePositionPatient z, where DICOM gives it
+    logprobs: list[float] | None = None  # per generated token, when SamplingParams.logprobs is set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,29 +70,82 @@ class Analyzer:
         params: SamplingParams | None = None,
         *,
         window: str | None = None,
+        volumes: str = "auto",
     ) -> list[Answer]:
         """Answer (image, question) pairs as one engine batch, in order.
 
         Prompts put the image first, so questions about the same image share its cached prefix.
+        volumes: "auto" reads a series or volume whole and answers on the slice that shows most
+        (`analysis/volumes.py`); "middle" looks at its middle slice only.
         """
+        if volumes not in VOLUME_MODES:
+            raise ValueError(f"volumes must be one of {', '.join(VOLUME_MODES)}, got {volumes!r}")
         template = get_template(self.lm.conv_mode)
         params = params or SamplingParams()
         params = replace(params, stop=list(dict.fromkeys([*params.stop, *template.stop])))
-        requests, studies = [], []
-        for image, question in items:
-            prompt = build_prompt(template, question.strip())  # refuses an empty question
-            pil, study = open_image(image, window)
-            requests.append({"prompt": prompt, "images": [pil]})
-            studies.append(study)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [
-            Answer(
-                prompt=request["prompt"],
-                answer=out.text.strip(),
-                token_ids=out.token_ids,
-                finish_reason=out.finish_reason,
-                model=self.lm.name,
-                modality=study.modality if study else None,
-            )
-            for request, out, study in zip(requests, outputs, studies, strict=True)
-        ]
+        prompts = [build_prompt(template, question.strip()) for _, question in items]  # refuses empty ones
+        opened = self._open_all([image for image, _ in items], window, None if volumes == "auto" else 1)
+        stacks = [i for i, (_, study) in enumerate(opened) if volumes == "auto" and is_volume(study)]
+        flat = [i for i in range(len(items)) if i not in set(stacks)]
+        answers: dict[int, Answer] = {}
+        outputs = self.llm.generate([{"prompt": prompts[i], "images": [opened[i][0]]} for i in flat], params,
+                                    use_tqdm=False) if flat else []
+        for i, out in zip(flat, outputs, strict=True):
+            study = opened[i][1]
+            answers[i] = Answer(prompts[i], out.text.strip(), out.token_ids, out.finish_reason, self.lm.name,
+                                study.modality if study else None, logprobs=out.logprobs)
+        read = answer_volumes(self, [(opened[i][1], items[i][1]) for i in stacks], params) if stacks else []
+        for i, best in zip(stacks, read, strict=True):
+            study = opened[i][1]
+            answers[i] = Answer(prompts[i], best.text, best.token_ids, best.finish_reason, self.lm.name,
+                                study.modality, slice_index(study, best.position), slice_z(study, best.position))
+        return [answers[i] for i in range(len(items))]
+
+    def explain(self, image: ImageInput, question: str, method: str = "relevance", *, window: str | None = None):
+        """Answer `question` and show where in the image the answer came from: an `Explanation`
+        (peak and box in the study's pixels, the map; `.save_overlay(png)`). See `analysis/grounding.py`."""
+        from medlava.analysis.grounding import explain
+
+        pil, study = open_image(image, window, key_slices=None)
+        answer = self.ask(study or pil, question)  # a volume: read on its most telling slice
+        if is_volume(study):
+            study = slice_study(study, position_of(study, answer.slice))
+        return explain(self, study or pil, question, method, answer=answer)
+
+    @staticmethod
+    def _open_all(images: list[ImageInput], window: str | None, key_slices: int | None) -> list:
+        """open_image for each input; a path named several times (a worklist's questions about one
+        study) is read once."""
+        cache: dict = {}
+        out = []
+        for image in images:
+            key = str(image) if isinstance(image, str | Path) else id(image)
+            if key not in cache:
+                cache[key] = open_image(image, window, key_slices=key_slices)
+            out.append(cache[key])
+        return out
+
+    def report(
+        self,
+        image: ImageInput,
+        params: SamplingParams | None = None,
+        *,
+        window: str | None = None,
+        grounding: str | None = "relevance",
+    ) -> Report:
+        """A structured draft report (sections, impression, findings present) of one study; each
+        finding is boxed by `grounding` (an `explain` method; None: no boxes)."""
+        return self.report_many([image], params, window=window, grounding=grounding)[0]
+
+    def report_many(
+        self,
+        images: list[ImageInput],
+        params: SamplingParams | None = None,
+        *,
+        window: str | None = None,
+        grounding: str | None = "relevance",
+    ) -> list[Report]:
+        """Reports of several studies, drafted as one engine batch, in order."""
+        from medlava.analysis.reporting import draft_reports
+
+        return draft_reports(self, images, params, window=window, grounding=grounding)

@@ -120,5 +120,31 @@ def box_to_input(box: tuple[float, float, float, float], size: tuple[int, int], 
     return clip_x(x0 * sx - left), clip_y(y0 * sy - top), clip_x(x1 * sx - left), clip_y(y1 * sy - top)
 
 
+def input_to_image(box: tuple[float, float, float, float], size: tuple[int, int], proc: ImageProcessing):
+    """The inverse of `box_to_input`: an (x0, y0, x1, y1) box in the model's input pixels back onto
+    the image of `size` (w, h), undoing the centre crop, the resize and the pad to square.
+
+    Clipped to the image, so a box reaching into the padding ends at the image's edge.
+    """
+    x0, y0, x1, y1 = box
+    w, h = size
+    dx = dy = 0
+    side_w, side_h = w, h
+    if proc.aspect == "pad" and w != h:
+        side_w = side_h = max(w, h)
+        dx, dy = (side_w - w) // 2, (side_h - h) // 2
+    new_w, new_h = resized_size(side_w, side_h, proc.shortest_edge)
+    sx, sy = new_w / side_w, new_h / side_h
+    left = top = 0
+    if proc.do_center_crop:
+        out_h, out_w = proc.crop
+        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    clip_x = lambda v: min(max(v, 0.0), float(w))  # noqa: E731
+    clip_y = lambda v: min(max(v, 0.0), float(h))  # noqa: E731
+    back_x = lambda v: clip_x((v + left) / sx - dx)  # noqa: E731
+    back_y = lambda v: clip_y((v + top) / sy - dy)  # noqa: E731
+    return back_x(x0), back_y(y0), back_x(x1), back_y(y1)
+
+
 def preprocess_batch(images: list[Image.Image], proc: ImageProcessing) -> torch.Tensor:
     return torch.stack([preprocess(im, proc) for im in images])

@@ -24,10 +24,12 @@ def decode_data_url(url: str) -> tuple[bytes, str]:
         raise ValueError("the image data URL holds invalid base64") from None
 
 
-def open_image(image: ImageInput, window: str | None = None) -> tuple[Image.Image, Study | None]:
+def open_image(image: ImageInput, window: str | None = None,
+               key_slices: int | None = 1) -> tuple[Image.Image, Study | None]:
     """The key image to show the model, and the study it came from (None for a bare PIL image).
 
-    `window` is a CT preset applied when the image is read from a file or bytes.
+    `window` is a CT preset applied when the image is read from a file or bytes; `key_slices`
+    is how many slices of a volume the study keeps (None: all).
     """
     if isinstance(image, Image.Image):
         return image, None
@@ -41,10 +43,10 @@ def open_image(image: ImageInput, window: str | None = None) -> tuple[Image.Imag
             )
         if image.startswith("data:"):
             data, mime = decode_data_url(image)
-            study = load_study(data, mime=mime, window=window)
+            study = load_study(data, mime=mime, window=window, key_slices=key_slices)
             return study.key_image(), study
         image = image.removeprefix("file://")
     if isinstance(image, str | os.PathLike | bytes):
-        study = load_study(image, window=window)
+        study = load_study(image, window=window, key_slices=key_slices)
         return study.key_image(), study
     raise ValueError(f"unsupported image type {type(image).__name__}: use a path, PIL image, Study or bytes")

@@ -80,8 +80,9 @@ class BlockManager:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding seq's longest cached prefix. The block with the last token never counts:
-        it is recomputed so the step has that token's logits (and a shared block is never rewritten)."""
-        if not self.enable_prefix_caching:
+        it is recomputed so the step has that token's logits (and a shared block is never rewritten).
+        A sequence that wants prompt logprobs reuses nothing: cached positions have no logits (as in vLLM)."""
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
         bs = self.block_size
         eligible = (len(seq) - 1) // bs

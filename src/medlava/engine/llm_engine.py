@@ -304,6 +304,8 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if finished else [],
             metrics=seq.metrics,
+            prompt_logprobs=seq.prompt_logprobs,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
     # -- metrics ---------------------------------------------------------------------------------

@@ -162,6 +162,22 @@ class ModelRunner:
         no_images = torch.zeros(1, b, dtype=torch.bool, device=self.device)  # generated ids are never placeholders
         return ids, self._tensor([positions]), None, None, no_images, ctx
 
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], plan: list[PrefillSeq]) -> None:
+        """Log-probability of each prompt token given the ones before it, for sequences that asked.
+
+        Such sequences never start from the prefix cache, so their whole prompt is in this step's row.
+        A recomputation after preemption keeps the values of the first prefill.
+        """
+        for seq, where in zip(seqs, plan, strict=True):
+            if not seq.wants_prompt_logprobs or seq.prompt_logprobs is not None:
+                continue
+            assert seq.num_cached_tokens == 0, "a prompt-logprobs sequence never reuses cached KV"
+            n = seq.num_prompt_tokens
+            rows = hidden[where.q_start : where.q_start + n - 1]  # row i predicts prompt token i + 1
+            logprobs = torch.log_softmax(self.model.lm_head(rows).float(), dim=-1)
+            targets = self._tensor(seq.token_ids[1:n])
+            seq.prompt_logprobs = [None, *logprobs.gather(1, targets[:, None])[:, 0].tolist()]
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One forward over the scheduled sequences; returns the next token of each."""
@@ -174,9 +190,17 @@ class ModelRunner:
             model = self.model
             hidden = model.decoder(model.embed(ids, feats, image_mask), positions, self.attn)[0]
             logits = model.lm_head(hidden if logits_at is None else hidden[logits_at])
+            if is_prefill:
+                self._prompt_logprobs(hidden, seqs, ctx.prefill)
         finally:
             self.attn.set_context(None)
         tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wanted:  # the sampled token's log-probability under the raw distribution, as vLLM reports it
+            rows = torch.log_softmax(logits[wanted].float(), dim=-1)
+            picked = rows.gather(1, self._tensor([tokens[i] for i in wanted])[:, None])[:, 0].tolist()
+            for i, value in zip(wanted, picked, strict=True):
+                seqs[i].logprobs.append(value)
         for seq in seqs:
             seq.num_computed_tokens = len(seq)
         elapsed = time.perf_counter() - t0

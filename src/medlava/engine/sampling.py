@@ -19,6 +19,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's field: when set, the output's `prompt_logprobs` holds each prompt token's log-probability
+    # (None for the first). Only the prompt token's own value is returned, whatever the number.
+    prompt_logprobs: int | None = None
+    # vLLM's field: when set, the output's `logprobs` holds each generated token's log-probability
+    # under the model's own distribution (before temperature or top-p); only the sampled token's.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -29,6 +35,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("prompt_logprobs", "logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be None or >= 0, got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:

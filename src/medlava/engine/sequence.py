@@ -107,10 +107,17 @@ class Sequence:
         self.text = ""
         self.emitted_chars = 0
         self.finish_reason: str | None = None
+        # Filled by the first prefill when params.prompt_logprobs is set (such sequences skip the prefix cache).
+        self.prompt_logprobs: list[float | None] | None = None
+        self.logprobs: list[float] = []  # one per generated token, when params.logprobs is set
         self.metrics = RequestMetrics(arrival_time=time.perf_counter(), prompt_tokens=len(prompt_ids))
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
     @property
     def output_ids(self) -> list[int]:
@@ -184,3 +191,5 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     prompt_token_ids: list[int] = field(default_factory=list)
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[float | None] | None = None  # with SamplingParams.prompt_logprobs: one per prompt token
+    logprobs: list[float] | None = None  # with SamplingParams.logprobs: one per generated token

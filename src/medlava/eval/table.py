@@ -32,3 +32,22 @@ def score_table(result: dict) -> Table:
         for name, m in model[section].items():
             add(f"{section[3:]}: {name}", m, base[section][name])
     return table
+
+
+def report_table(result: dict) -> Table:
+    """Report findings against the ground truth: micro P/R/F1 and side accuracy, model and baseline."""
+    table = Table(title=f"Report findings vs ground truth ({result['model']['studies']} studies)")
+    for col in ("group", "precision", "recall", "F1", "side acc", "(n sided)", "baseline F1", "baseline side"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+
+    def add(name: str, m: dict, b: dict) -> None:
+        table.add_row(name, _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), _pct(m["side_accuracy"]),
+                      str(m["sided"]), _pct(b["f1"]), _pct(b["side_accuracy"]))
+
+    add("overall", result["model"], result["baseline"])
+    for name, r in result["by_protocol"].items():
+        add(name, r["model"], r["baseline"])
+    if result["model"].get("boxed"):
+        table.caption = (f"boxes: {_pct(result['model']['box_hit_rate'])} % of {result['model']['boxed']} boxed true "
+                         "findings have their centre in the true box (15 px tolerance)")
+    return table

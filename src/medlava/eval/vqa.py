@@ -80,12 +80,14 @@ def run_vqa(
     max_tokens: int = 64,
     batch_size: int = 64,
     shuffle_images_seed: int | None = None,
+    volumes: str = "auto",
     progress=lambda done, total: None,
 ) -> int:
     """Answer every question of this chunk not yet in `answers`; returns how many were added.
 
     Questions go to the engine `batch_size` at a time; each batch's answers are written (in question
-    order) before the next starts, so an interrupted run loses at most one batch.
+    order) before the next starts, so an interrupted run loses at most one batch. `volumes` is
+    `Analyzer.ask_many`'s: "auto" reads a series or volume whole, "middle" its middle slice only.
     """
     if batch_size < 1:
         raise MedlavaError(f"--batch-size must be at least 1, got {batch_size}")
@@ -108,11 +110,13 @@ def run_vqa(
                         "text": result.answer,
                         "answer_id": uuid.uuid4().hex,
                         "model_id": result.model,
-                        "metadata": {"image": image, "finish_reason": result.finish_reason},
+                        "metadata": {"image": image, "finish_reason": result.finish_reason,
+                                     **({"slice": result.slice} if result.slice is not None else {})},
                     }
                 )
                 + "\n"
-                for q, image, result in zip(batch, images, analyzer.ask_many(items, params), strict=True)
+                for q, image, result in zip(batch, images, analyzer.ask_many(items, params, volumes=volumes),
+                                            strict=True)
             ]
             out.write("".join(lines))  # one write per batch: a kill leaves at most a torn last line
             out.flush()

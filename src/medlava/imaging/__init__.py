@@ -3,6 +3,7 @@
 Never imports torch: this package must stay usable without the model.
 """
 
+from medlava.imaging.deid import UIDMap, deidentify_dataset, deidentify_file, deidentify_tree
 from medlava.imaging.loader import SUPPORTED, load_study
 from medlava.imaging.study import MAX_PIXELS, Study, key_slice_indices, key_slices
 from medlava.imaging.windowing import WINDOW_PRESETS, apply_window, minmax_to_uint8
@@ -12,7 +13,11 @@ __all__ = [
     "SUPPORTED",
     "WINDOW_PRESETS",
     "Study",
+    "UIDMap",
     "apply_window",
+    "deidentify_dataset",
+    "deidentify_file",
+    "deidentify_tree",
     "key_slice_indices",
     "key_slices",
     "load_study",

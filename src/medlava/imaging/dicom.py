@@ -172,7 +172,7 @@ def choose_window(ds: Dataset, modality: str, preset: str | None) -> tuple[str, 
     if modality == "CT":
         name, (c, w) = _ct_default(ds)
         return f"{name} {c:g}/{w:g}", lambda a: apply_window(a, c, w)
-    return "min/max", minmax_to_uint8
+    return "min/max", lambda a: minmax_to_uint8(a, reference=a[len(a) // 2])  # the middle slice's scale
 
 
 def _spacing(ds: Dataset, slice_gap: float | None) -> tuple[float, ...] | None:
@@ -233,7 +233,7 @@ def _render_grey(decoded: list[tuple[np.ndarray, str, Dataset]], ref: Dataset, m
     return list(shown), label
 
 
-def render(frames: list[Frame], *, window: str | None, modality: str | None, n_key: int,
+def render(frames: list[Frame], *, window: str | None, modality: str | None, n_key: int | None,
            slice_gap: float | None, source: str, source_format: str) -> Study:
     """Decode the key frames of an ordered stack and turn them into a Study."""
     idx = key_slice_indices(len(frames), n_key)
@@ -252,12 +252,15 @@ def render(frames: list[Frame], *, window: str | None, modality: str | None, n_k
     if len(frames) > 1:
         meta["SliceCount"] = str(len(frames))
         meta["KeySlices"] = ",".join(str(i) for i in idx)
+        z = [_patient_z(frames[j][0]) for j in idx]
+        if all(v is not None for v in z) and len(set(z)) == len(z):  # one position per slice: a series
+            meta["SlicePositions"] = ",".join(f"{v:g}" for v in z)
         spacing = _spacing(ref, slice_gap or _slice_gap(ref))
     return Study(images=images, modality=mod, spacing=spacing, metadata=meta, source=source)
 
 
 def read_dicom(src: Source, name: str, *, window: str | None = None, modality: str | None = None,
-               max_pixels: int, n_key: int = 1) -> Study:
+               max_pixels: int, n_key: int | None = 1) -> Study:
     """A single DICOM file (single- or multi-frame)."""
     ds = read_dataset(src, name)
     _require_image(ds, name)
@@ -266,6 +269,14 @@ def read_dicom(src: Source, name: str, *, window: str | None = None, modality: s
     frames: list[Frame] = [(ds, None, name)] if n == 1 else [(ds, i, name) for i in range(n)]
     return render(frames, window=window, modality=modality, n_key=n_key, slice_gap=None,
                   source=name, source_format="DICOM")
+
+
+def _patient_z(ds: Dataset) -> float | None:
+    """ImagePositionPatient z, as viewers show it for a slice."""
+    try:
+        return float(ds.ImagePositionPatient[2])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
 
 
 def _position(ds: Dataset) -> float | None:
@@ -295,9 +306,9 @@ def _series_headers(folder: Path) -> list[tuple[Path, Dataset]]:
     return found
 
 
-def read_dicom_series(folder: Path, *, window: str | None = None, modality: str | None = None,
-                      max_pixels: int, n_key: int = 1) -> Study:
-    """A folder of slices: the largest series, ordered along the slice normal."""
+def series_stack(folder: Path) -> tuple[list[tuple[Path, Dataset, int | None]], float | None]:
+    """The slices of a folder's largest series in slice order, as (file, header, frame index or
+    None) with multi-frame files expanded, and the slice gap in mm where positions give it."""
     name = folder.name
     headers = _series_headers(folder)
     if not headers:
@@ -320,16 +331,25 @@ def read_dicom_series(folder: Path, *, window: str | None = None, modality: str 
     else:
         order = np.argsort([_int(ds, "InstanceNumber", 0, p.name) for p, ds in members], kind="stable")
     members = [members[i] for i in order]
-    check_pixel_count(name, sum(_n_pixels(ds, p.name) for p, ds in members), max_pixels)
 
     gap = None
     if all(p is not None for p in positions) and len(members) > 1:
         diffs = np.abs(np.diff(np.sort(np.asarray(positions, dtype=float))))
         gap = float(np.median(diffs)) if np.median(diffs) > 0 else None
-
-    # Expand multi-frame members, then read pixel data only for the files holding key slices.
     stack = [(path, ds, None if _n_frames(ds, path.name) == 1 else i)
              for path, ds in members for i in range(_n_frames(ds, path.name))]
+    return stack, gap
+
+
+def read_dicom_series(folder: Path, *, window: str | None = None, modality: str | None = None,
+                      max_pixels: int, n_key: int | None = 1) -> Study:
+    """A folder of slices: the largest series, ordered along the slice normal."""
+    name = folder.name
+    stack, gap = series_stack(folder)
+    files = {path: ds for path, ds, _ in stack}
+    check_pixel_count(name, sum(_n_pixels(ds, p.name) for p, ds in files.items()), max_pixels)
+
+    # Read pixel data only for the files holding key slices.
     full: dict[Path, Dataset] = {}
     for j in key_slice_indices(len(stack), n_key):
         path = stack[j][0]

@@ -89,18 +89,19 @@ def load_study(
     mime: str | None = None,
     modality: str | None = None,
     max_pixels: int = MAX_PIXELS,
-    key_slices: int = 1,
+    key_slices: int | None = 1,
 ) -> Study:
     """Read a file, a DICOM folder or raw bytes into a `Study` of 8-bit key images.
 
     window: a CT preset name (see WINDOW_PRESETS) overriding the file's own window.
     mime: a hint for bytes whose magic is not recognised (e.g. bare DICOM datasets).
     modality: overrides the modality the file states (or the format's default).
+    key_slices: how many slices of a volume to keep (evenly spaced in its middle 60 %); None keeps all.
     Every failure the input can cause raises ImagingError naming the file.
     """
     if window is not None:
         resolve_preset(window)  # fail fast with the valid names, whatever the format
-    if key_slices < 1:
+    if key_slices is not None and key_slices < 1:
         raise ImagingError(f"key_slices must be at least 1, got {key_slices}")
     mod = modality.strip().upper() if modality else None
     opts = {"window": window, "modality": mod, "max_pixels": max_pixels, "n_key": key_slices}

@@ -67,7 +67,7 @@ def _display(axial: np.ndarray) -> np.ndarray:
 
 
 def read_nifti(src: Source, name: str, *, window: str | None = None, modality: str | None = None,
-               max_pixels: int, n_key: int = 1) -> Study:
+               max_pixels: int, n_key: int | None = 1) -> Study:
     with _opened(src, name) as img:
         canon = _first_volume(img, name, max_pixels)
     volume = np.asarray(canon.dataobj, dtype=np.float32)
@@ -78,7 +78,8 @@ def read_nifti(src: Source, name: str, *, window: str | None = None, modality: s
         c, w = resolve_preset(window)
         shown, label = apply_window(slices, c, w), f"{window.lower()} {c:g}/{w:g}"
     else:
-        shown, label = minmax_to_uint8(slices), "min/max"
+        middle = _display(volume[:, :, depth // 2])  # the scale of the key slice, whatever is loaded
+        shown, label = minmax_to_uint8(slices, reference=middle), "min/max"
     zx, zy, zz = (float(z) for z in canon.header.get_zooms()[:3])
     mod = modality or "MR"
     meta = {

@@ -29,6 +29,7 @@ SAFE_METADATA_KEYS = frozenset(
         "SourceFormat",
         "SliceCount",
         "KeySlices",
+        "SlicePositions",
     }
 )
 
@@ -76,10 +77,13 @@ def check_pixel_count(name: str, n_pixels: int, limit: int) -> None:
         raise ImagingError(f"{name} is too large ({n_pixels} pixels > limit {limit})")
 
 
-def key_slice_indices(depth: int, n: int = 1) -> list[int]:
-    """Up to `n` evenly spaced slice indices in the middle 60% of a stack; n=1 gives the middle."""
+def key_slice_indices(depth: int, n: int | None = 1) -> list[int]:
+    """Up to `n` evenly spaced slice indices in the middle 60% of a stack; n=1 gives the middle,
+    n=None every slice (volume analysis)."""
     if depth < 1:
         raise ValueError("depth must be >= 1")
+    if n is None:
+        return list(range(depth))
     mid = depth // 2
     if n <= 1 or depth == 1:
         return [mid]

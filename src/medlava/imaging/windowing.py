@@ -41,14 +41,18 @@ def apply_window(arr: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.floor(np.clip(y, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 
-def minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Stretch to 0..255 between the 0.5 and 99.5 percentiles (robust to a few hot pixels).
+def minmax_to_uint8(arr: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Stretch to 0..255 between the 0.5 and 99.5 percentiles (robust to a few hot pixels) of
+    `reference` (default: `arr` itself).
 
     Falls back to the true min/max when the percentiles coincide (a small bright object on
     a flat background), and gives zeros for a constant image instead of dividing by zero.
+    A volume passes its middle slice as the reference: then that slice looks the same however
+    many slices are loaded, and every slice is shown on one scale.
     """
     x = np.asarray(arr, dtype=np.float64)
-    finite = x[np.isfinite(x)]
+    ref = x if reference is None else np.asarray(reference, dtype=np.float64)
+    finite = ref[np.isfinite(ref)]
     if finite.size == 0:
         return np.zeros(x.shape, dtype=np.uint8)
     lo, hi = np.percentile(finite, [0.5, 99.5])

@@ -37,7 +37,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 
 from medlava.imaging.windowing import apply_window
 from medlava.train.phantoms import text
-from medlava.train.phantoms.ct import draw_abdomen_ct, draw_chest_ct
+from medlava.train.phantoms.ct import draw_abdomen_ct, draw_chest_ct, draw_ct_series
 from medlava.train.phantoms.mri import draw_brain_mri
 from medlava.train.phantoms.radiograph import draw_chest_radiograph
 from medlava.train.phantoms.study import PROTOCOL_KINDS, PhantomStudy, Rendering
@@ -110,11 +110,19 @@ def _choose(rng: np.random.Generator) -> tuple[str, list[str]]:
     return protocol, [str(k) for k in rng.choice(PROTOCOL_KINDS[protocol], size=count, replace=False)]
 
 
-def make_study(seed: int, index: int, size: int = 224) -> tuple[PhantomStudy, Rendering, Plan]:
-    """Draw study `index` of world `seed`: its ground truth, its pixels and how to write them."""
+def make_study(seed: int, index: int, size: int = 224, volumes: bool = False) -> tuple[PhantomStudy, Rendering, Plan]:
+    """Draw study `index` of world `seed`: its ground truth, its pixels and how to write them.
+
+    volumes: CT studies are series (draw_ct_series) and brain MRI masses lie off the middle slice
+    (draw_brain_mri), focal lesions on the slice their finding records.
+    """
     rng = np.random.default_rng([seed, index, IMAGE_STREAM])
     protocol, kinds = _choose(rng)
-    rendering = DRAWERS[protocol](rng, size, kinds)
+    if volumes and protocol.endswith("_ct"):
+        rendering = draw_ct_series(DRAWERS[protocol], rng, size, kinds)
+    else:
+        options = {"off_centre": True} if volumes and protocol == "brain_mri" else {}
+        rendering = DRAWERS[protocol](rng, size, kinds, **options)
     sid = study_id(seed, index)
     if protocol == "chest_xray":
         modality, name, part = str(rng.choice(["CR", "DX"])), "x-ray", "chest"
@@ -124,7 +132,8 @@ def make_study(seed: int, index: int, size: int = 224) -> tuple[PhantomStudy, Re
         modality, name, part, fmt, mono1 = "MR", "mri", "head", "nii.gz", False
     else:
         modality, name, part, fmt, mono1 = "CT", "ct", protocol.split("_")[0], "dcm", False
-    study = PhantomStudy(id=sid, image=f"{sid}.{fmt}", modality=modality, modality_name=name, body_part=part,
+    image = sid if rendering.pixels.ndim == 3 and modality == "CT" else f"{sid}.{fmt}"  # a series: a folder
+    study = PhantomStudy(id=sid, image=image, modality=modality, modality_name=name, body_part=part,
                          findings=rendering.findings, size=rendering.display_size, ctr=rendering.ctr)
     return study, rendering, Plan(fmt, mono1, _identity(rng))
 
@@ -134,11 +143,11 @@ def _uid(seed: int, index: int, what: str) -> str:
 
 
 def _write_dicom(path: Path, study: PhantomStudy, stored: np.ndarray, plan: Plan, seed: int, index: int,
-                 **elements: object) -> None:
+                 instance: int = 1, **elements: object) -> None:
     sop_class = SOP_CLASSES[study.modality]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = _uid(seed, index, "sop")
+    meta.MediaStorageSOPInstanceUID = _uid(seed, index, "sop" if instance == 1 else f"sop{instance}")
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
@@ -154,7 +163,7 @@ def _write_dicom(path: Path, study: PhantomStudy, stored: np.ndarray, plan: Plan
     ds.Modality = study.modality
     ds.BodyPartExamined = study.body_part.upper()
     ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
+    ds.InstanceNumber = instance
     for keyword, value in elements.items():
         setattr(ds, keyword, value)
     ds.SamplesPerPixel = 1
@@ -186,16 +195,23 @@ def _write_radiograph(path: Path, study: PhantomStudy, r: Rendering, plan: Plan,
 
 
 def _write_ct(path: Path, study: PhantomStudy, r: Rendering, plan: Plan, seed: int, index: int) -> None:
+    """One CT slice file, or for a series (3-D pixels) a folder of slice files, 5 mm apart."""
     assert r.window is not None
-    n = r.pixels.shape[0]
+    slices = r.pixels if r.pixels.ndim == 3 else r.pixels[None]
+    n = slices.shape[1]
     sp = r.spacing_mm[0]
-    stored = np.clip(r.pixels.astype(np.int32) + 1024, 0, 4095).astype(np.uint16)  # slope 1, intercept -1024
-    _write_dicom(path, study, stored, plan, seed, index, PhotometricInterpretation="MONOCHROME2",
-                 RescaleSlope="1", RescaleIntercept="-1024", RescaleType="HU", PixelSpacing=[_ds(sp), _ds(sp)],
-                 SliceThickness="5", ImagePositionPatient=[_ds(-(n - 1) / 2 * sp), _ds(-(n - 1) / 2 * sp), "0"],
-                 ImageOrientationPatient=["1", "0", "0", "0", "1", "0"],
-                 FrameOfReferenceUID=_uid(seed, index, "frame"), KVP="120",
-                 WindowCenter=_ds(r.window[0]), WindowWidth=_ds(r.window[1]))
+    if r.pixels.ndim == 3:
+        path.mkdir(exist_ok=True)
+    for k, hu in enumerate(slices):
+        z = (k - len(slices) // 2) * 5.0
+        stored = np.clip(hu.astype(np.int32) + 1024, 0, 4095).astype(np.uint16)  # slope 1, intercept -1024
+        _write_dicom(path / f"CT{k + 1:04d}.dcm" if r.pixels.ndim == 3 else path, study, stored, plan, seed, index,
+                     instance=k + 1, PhotometricInterpretation="MONOCHROME2", RescaleSlope="1",
+                     RescaleIntercept="-1024", RescaleType="HU", PixelSpacing=[_ds(sp), _ds(sp)], SliceThickness="5",
+                     ImagePositionPatient=[_ds(-(n - 1) / 2 * sp), _ds(-(n - 1) / 2 * sp), _ds(z)],
+                     ImageOrientationPatient=["1", "0", "0", "0", "1", "0"],
+                     FrameOfReferenceUID=_uid(seed, index, "frame"), KVP="120",
+                     WindowCenter=_ds(r.window[0]), WindowWidth=_ds(r.window[1]))
 
 
 def _write_nifti(path: Path, r: Rendering) -> None:
@@ -248,18 +264,20 @@ def _jsonl(f, record: dict) -> None:
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _build(job: tuple[Path, int, int, int]) -> tuple[PhantomStudy, list[dict], dict, dict, dict]:
+def _build(job: tuple[Path, int, int, int, bool]) -> tuple[PhantomStudy, list[dict], dict, dict, dict]:
     """Draw, write and describe one study (runs in a worker process when workers > 1)."""
-    images, seed, index, size = job
-    study, rendering, plan = make_study(seed, index, size)
+    images, seed, index, size, volumes = job
+    study, rendering, plan = make_study(seed, index, size, volumes)
     write_image(images, study, rendering, plan, seed, index)
     return (study, *text_records(study, seed, index))
 
 
-def generate_world(out_dir: str | Path, n: int, seed: int, size: int = 224, workers: int = 1) -> list[PhantomStudy]:
+def generate_world(out_dir: str | Path, n: int, seed: int, size: int = 224, workers: int = 1,
+                   volumes: bool = False) -> list[PhantomStudy]:
     """Write an n-study phantom world into out_dir (see the module docstring); returns the studies.
 
     workers > 1 draws studies in that many processes; the output is identical either way.
+    volumes: CT series and off-centre MRI masses (see make_study), for volume analysis.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -270,7 +288,7 @@ def generate_world(out_dir: str | Path, n: int, seed: int, size: int = 224, work
     out = Path(out_dir)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    jobs = [(images, seed, index, size) for index in range(n)]
+    jobs = [(images, seed, index, size, volumes) for index in range(n)]
     studies: list[PhantomStudy] = []
     instruct: list[dict] = []
     captions: list[dict] = []
@@ -307,10 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="radiograph/CT side in pixels; MRI is half (default 224)")
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                         help="processes drawing studies (default: the CPU count, at most 8); same output for any")
+    parser.add_argument("--volumes", action="store_true",
+                        help="CT as 11-slice series and brain MRI masses off the middle slice, lesions away from the middle slice (a test world for volume analysis)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        studies = generate_world(args.out, args.n, args.seed, args.size, workers=args.workers)
+        studies = generate_world(args.out, args.n, args.seed, args.size, workers=args.workers, volumes=args.volumes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ Coordinates are normalised (see shapes.grid): one unit is 175 mm (a 350 mm field
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from medlava.train.phantoms.shapes import blur, box_of, ellipse, grid, paint, place_disc, smooth_noise
@@ -159,3 +161,31 @@ def draw_abdomen_ct(rng: np.random.Generator, size: int, kinds: list[str]) -> Re
     mm = FIELD_MM / size
     return Rendering(pixels=_finish(hu, rng, size), findings=findings, spacing_mm=(mm, mm), display_size=size,
                      window=ABDOMEN_WINDOW)
+
+
+FOCAL = frozenset({"lung_nodule", "liver_lesion", "kidney_stone"})
+SERIES_SLICES, SERIES_MM = 11, 5.0
+MAX_HALF_EXTENT = 2  # a focal lesion shows on at most 2 slices either side of its centre
+
+
+def draw_ct_series(draw, rng: np.random.Generator, size: int, kinds: list[str]) -> Rendering:
+    """An axial series of SERIES_SLICES slices from a slice drawer: the same anatomy on every slice
+    (the body as a cylinder, with fresh noise per slice), effusions on all, and the focal lesions
+    (nodule, liver lesion, stone) only on the slices around a centre slice that the middle slice
+    misses. Boxes are on that centre slice, which each focal finding records."""
+    start = rng.bit_generator.state
+    lesioned = draw(rng, size, kinds)
+    after = rng.bit_generator.state
+    rng.bit_generator.state = start  # the same draws up to the first focal lesion: the same anatomy
+    plain = draw(rng, size, [k for k in kinds if k not in FOCAL])
+    rng.bit_generator.state = after
+    focal = [f for f in lesioned.findings if f.kind in FOCAL]
+    half = min(MAX_HALF_EXTENT, max((int(f.size_mm / 2 // SERIES_MM) for f in focal), default=0))
+    middle = SERIES_SLICES // 2
+    centres = [k for k in range(SERIES_SLICES) if abs(k - middle) > half]
+    centre = int(rng.choice(centres))
+    stack = np.stack([(lesioned if abs(k - centre) <= half and focal else plain).pixels
+                      for k in range(SERIES_SLICES)]).astype(np.float32)
+    stack = np.clip(np.rint(stack + rng.normal(0.0, NOISE_HU / 2, stack.shape)), -1024, 3071).astype(np.int16)
+    findings = [replace(f, slice=centre) if f.kind in FOCAL else f for f in lesioned.findings]
+    return replace(lesioned, pixels=stack, findings=findings, spacing_mm=(*lesioned.spacing_mm, SERIES_MM))

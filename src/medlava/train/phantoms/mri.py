@@ -33,8 +33,12 @@ def ras_affine(n: int, spacing: float) -> np.ndarray:
     return affine
 
 
-def draw_brain_mri(rng: np.random.Generator, size: int, kinds: list[str]) -> Rendering:
-    """A ~ size/2 x size/2 x 24 head volume showing `kinds` ("brain_mass", "hydrocephalus")."""
+def draw_brain_mri(rng: np.random.Generator, size: int, kinds: list[str], off_centre: bool = False) -> Rendering:
+    """A ~ size/2 x size/2 x 24 head volume showing `kinds` ("brain_mass", "hydrocephalus").
+
+    off_centre: the mass is centred 3-7 slices above or below the middle slice (a world for volume
+    analysis, where looking at the middle slice alone misses or cuts lesions); otherwise on it.
+    """
     n = max(size // 2, 16)
     spacing = FIELD_MM / n
     px = n / 2.0
@@ -72,11 +76,17 @@ def draw_brain_mri(rng: np.random.Generator, size: int, kinds: list[str]) -> Ren
         reach = np.sqrt(max(0.0, 1.0 - (abs(cu) / (ru * 0.8)) ** 2)) * rv * 0.8 - r  # stay inside the brain
         cv = rng.uniform(-max(reach, 0.0), max(reach, 0.0))
         halo = r + rng.uniform(4.0, 8.0) / UNIT_MM
-        vol += coverage(radius((v, u, z), (cv, cu, 0.0), (halo, halo, halo)), halo * px) * brain * (EDEMA - vol)
-        mass = coverage(radius((v, u, z), (cv, cu, 0.0), (r, r, r)), r * px)
+        at = KEY
+        if off_centre:  # drawn last, so worlds without it keep every other value
+            at = KEY + int(rng.choice([-1, 1])) * int(rng.integers(3, 8))
+            cv, cu = cv * 0.9, cu * 0.9  # the brain is smaller away from its middle
+        mz = float(z[at, 0, 0])  # the mass's centre height
+        vol += coverage(radius((v, u, z), (cv, cu, mz), (halo, halo, halo)), halo * px) * brain * (EDEMA - vol)
+        mass = coverage(radius((v, u, z), (cv, cu, mz), (r, r, r)), r * px)
         vol += mass * (MASS - vol)
         fallback = ((cv + 1) * px - 0.5, (cu + 1) * px - 0.5)
-        findings.append(Finding("brain_mass", side, None, size_mm, box_of(mass[KEY], fallback)))
+        findings.append(Finding("brain_mass", side, None, size_mm, box_of(mass[at], fallback),
+                                slice=at if off_centre else None))
 
     vol = blur(vol, 0.6 * n / 112, axes=(1, 2))
     # Magnitude images: Rician-like noise, quieter in the air (which also keeps files small).

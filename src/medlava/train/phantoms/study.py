@@ -41,10 +41,13 @@ class Finding:
     size_mm: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 on the key image; pixels img[y0:y1, x0:x1]
     detail: str | None = None  # e.g. "hypodense" / "hyperdense" for liver lesions
+    slice: int | None = None  # the volume slice the box is on, where it is not the middle one
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["box"] = list(self.box)
+        if d["slice"] is None:
+            del d["slice"]  # worlds without volume lesions keep their records as they were
         return d
 
     @classmethod
