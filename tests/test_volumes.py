@@ -13,7 +13,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medlava import LLM, SamplingParams
-from medlava.analysis.volumes import SliceAnswer, candidate_positions, choose, content_scores
+from medlava.analysis.volumes import SliceAnswer, candidate_positions, choose, slice_measures
 from medlava.imaging import key_slice_indices, load_study
 from medlava.train.synthetic import make_study, write_image
 
@@ -66,7 +66,7 @@ def test_candidates_find_the_mass_slice_and_leave_a_normal_head_alone(tmp_path):
     mass = next(f for f in truth.findings if f.kind == "brain_mass")
     assert mass.slice == 6
     volume = load_study(nifti, key_slices=None)
-    scores = content_scores(volume)
+    scores, _ = slice_measures(volume)
     assert abs(int(np.argmax(scores)) - mass.slice) <= 1
     candidates = candidate_positions(volume)
     assert 12 in candidates and any(abs(c - mass.slice) <= 1 for c in candidates)
@@ -122,7 +122,7 @@ def test_volume_question_is_answered_on_the_slice_that_shows_it(analyzer, tmp_pa
 
 
 def test_slice_reports_merge_each_finding_on_its_own_slice(tmp_path):
-    from medlava.analysis.reporting import _merge_slices
+    from medlava.analysis.reporting import merge_slice_reports
 
     volume = load_study(as_dicom_series(phantom(tmp_path, MASS_STUDY)[0], tmp_path / "series"), key_slices=None)
     reads = [
@@ -132,8 +132,7 @@ def test_slice_reports_merge_each_finding_on_its_own_slice(tmp_path):
                        "are normal in size.\nImpression: Right cerebral mass.", [1], "stop", -0.2),
         SliceAnswer(9, "Findings: No mass lesion.\nImpression: Normal mri of the brain.", [1], "stop", -0.001),
     ]
-    report = _merge_slices(reads, volume, "Write a radiology report for this mri.", modality="MR",
-                           body_part="head", model="m")
+    report = merge_slice_reports(reads, volume, modality="MR", body_part="head", model="m")
     found = {(f.name, f.side): (f.slice, f.slice_z_mm) for f in report.findings}
     assert found == {("hydrocephalus", None): (12, 48.0), ("brain mass", "right"): (6, 24.0)}
     assert "No mass lesion" not in report.sections.findings  # the other slice showed one

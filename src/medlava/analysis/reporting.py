@@ -53,7 +53,7 @@ def _questions(study: Study) -> list[str]:
     return questions
 
 
-def _merge_slices(reads: list[SliceAnswer], study: Study, prompt: str, **fields) -> Report:
+def merge_slice_reports(reads: list[SliceAnswer], study: Study, **fields) -> Report:
     """One report of a volume from the reports written on its candidate slices: the most confident
     one that names a finding (else the most confident), plus the kinds of finding that only other
     slices showed (a finding already named is not taken again with another side: one lesion read
@@ -134,7 +134,7 @@ def draft_reports(analyzer: Analyzer, images: list[ImageInput], params: Sampling
         body_part = study.metadata.get("BodyPartExamined", "").lower() or _short(said.get(BODY_PART_QUESTION, ""))
         fields = dict(modality=modality, body_part=body_part or None, model=analyzer.lm.name)
         if is_volume(study):
-            report = _merge_slices(next(slice_reads), study, questions[0], **fields)
+            report = merge_slice_reports(next(slice_reads), study, **fields)
         else:
             report = build_report(said[questions[0]], study=study, **fields)
         if grounding:

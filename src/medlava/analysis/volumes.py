@@ -21,12 +21,12 @@ from medlava.analysis.report_text import extract_findings, split_sections
 from medlava.engine.sampling import SamplingParams
 from medlava.imaging import Study
 
-MAX_CANDIDATES = 4
+MAX_CANDIDATES = 4  # the middle slice and up to three runs of outlying slices
+# The asymmetry z-score that flags a slice, chosen on the phantom volumes of seed 4242 (the figures
+# in docs/VOLUMES.md come from seed 2027): slices through a brain mass score 7-75, no slice of a
+# mass-free head above 3.
 OUTLIER_Z = 4.0
-CENTRAL_AREA = 0.85
-# Asymmetry z-score that makes a slice a candidate. On the phantom volumes of seed 4242 (chosen on
-# them; the figures in docs/VOLUMES.md come from another seed) every slice through a mass scores
-# 7-75 and no slice of a mass-free head above 3.
+CENTRAL_AREA = 0.85  # of the largest body section: slices nearer the ends of a stack are never candidates
 
 
 @dataclass(frozen=True)
@@ -75,25 +75,19 @@ def _grey(img: np.ndarray) -> np.ndarray:
     return (img.mean(axis=2) if img.ndim == 3 else img).astype(np.float32)
 
 
-def _stack(study: Study) -> tuple[np.ndarray, np.ndarray]:
+def slice_measures(study: Study) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice: how much the body differs from its own left-right mirror, per body pixel, and the
+    body's area in pixels.
+
+    Bodies are nearly symmetric and most lesions are not, so the first peaks where a one-sided
+    lesion lies (on the phantom volumes the top three slices hold the mass in every study; a
+    difference from the stack's median instead picks the ends of the stack, where anatomy changes
+    fastest)."""
     stack = np.stack([_grey(img) for img in study.images])
-    return stack, stack > 0.1 * stack.max()
-
-
-def body_areas(study: Study) -> np.ndarray:
-    return _stack(study)[1].sum(axis=(1, 2)).astype(float)
-
-
-def content_scores(study: Study) -> np.ndarray:
-    """Per slice: how much the body differs from its own left-right mirror, per body pixel.
-
-    Bodies are nearly symmetric and most lesions are not, so this peaks where a one-sided lesion
-    lies (on the phantom volumes the top three slices hold the mass in every study; a difference
-    from the stack's median instead picks the ends of the stack, where anatomy changes fastest)."""
-    stack, body = _stack(study)
+    body = stack > 0.1 * stack.max()
+    area = body.sum(axis=(1, 2)).astype(float)
     both = body & body[:, :, ::-1]
-    asymmetry = (np.abs(stack - stack[:, :, ::-1]) * both).sum(axis=(1, 2))
-    return asymmetry / np.maximum(body.sum(axis=(1, 2)), 1)
+    return (np.abs(stack - stack[:, :, ::-1]) * both).sum(axis=(1, 2)) / np.maximum(area, 1), area
 
 
 def candidate_positions(study: Study, n: int = MAX_CANDIDATES) -> list[int]:
@@ -104,7 +98,7 @@ def candidate_positions(study: Study, n: int = MAX_CANDIDATES) -> list[int]:
 
     A stack with no outlier is read on its middle slice alone, so the model is never asked about
     ordinary slices it could misread (the demo model was trained on middle slices only)."""
-    scores, area = content_scores(study), body_areas(study)
+    scores, area = slice_measures(study)
     median = float(np.median(scores))
     spread = 1.4826 * float(np.median(np.abs(scores - median))) or 1e-9  # MAD as a standard deviation
     # Either way: a lesion inside an asymmetric organ (the liver) can make its slice more symmetric.

@@ -86,7 +86,7 @@ class Analyzer:
         prompts = [build_prompt(template, question.strip()) for _, question in items]  # refuses empty ones
         opened = self._open_all([image for image, _ in items], window, None if volumes == "auto" else 1)
         stacks = [i for i, (_, study) in enumerate(opened) if volumes == "auto" and is_volume(study)]
-        flat = [i for i in range(len(items)) if i not in set(stacks)]
+        flat = sorted(set(range(len(items))) - set(stacks))
         answers: dict[int, Answer] = {}
         outputs = self.llm.generate([{"prompt": prompts[i], "images": [opened[i][0]]} for i in flat], params,
                                     use_tqdm=False) if flat else []
