@@ -198,3 +198,74 @@ def test_unreadable_tokenizer_is_a_clear_error(tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_error(model_dir):
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         load_model(model_dir("mistral-mlp2x-l1"), device="cuda")
+
+
+def variant(original_folder, tmp_path, **changes):
+    """A copy of the LLaVA-Med folder with config keys changed (None: the key removed)."""
+    src, clip, _ = original_folder
+    folder = tmp_path / "variant"
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, clip
+
+
+def test_no_image_aspect_ratio_means_no_padding(original_folder, tmp_path, xray_image):
+    """LLaVA-Med's process_images pads only when image_aspect_ratio is "pad": no key, CLIP as is."""
+    import numpy as np
+    from transformers import CLIPImageProcessor
+
+    from medlava.chat.image_processing import preprocess
+
+    folder, clip = variant(original_folder, tmp_path, image_aspect_ratio=None)
+    lm = load_model(folder, vision_tower=clip)
+    assert lm.image_processing.aspect == "crop"
+    theirs = CLIPImageProcessor.from_pretrained(clip)(images=xray_image, return_tensors="np")["pixel_values"][0]
+    assert (preprocess(xray_image, lm.image_processing) - torch.as_tensor(np.asarray(theirs))).abs().max() < 1e-5
+    padded = load_model(original_folder[0], vision_tower=clip)  # the fixture says "pad"
+    assert (preprocess(xray_image, padded.image_processing) - preprocess(xray_image, lm.image_processing)).abs().max() > 0.1
+
+
+def test_image_start_end_tokens_are_refused_and_v15_values_load(original_folder, tmp_path):
+    folder, clip = variant(original_folder, tmp_path, mm_use_im_start_end=True)
+    with pytest.raises(ModelLoadError, match="mm_use_im_start_end") as err:
+        load_model(folder, vision_tower=clip)
+    assert len(str(err.value).splitlines()) == 1
+    # LLaVA-Med v1.5's values; and the patch token, which no prompt uses, either way.
+    for patch in (False, True):
+        folder, clip = variant(original_folder, tmp_path / str(patch), mm_use_im_start_end=False,
+                               mm_use_im_patch_token=patch)
+        lm = load_model(folder, vision_tower=clip)
+        assert lm.config.image_tokens == lm.config.vision.num_patches
+
+
+def test_tokenizer_model_max_length_bounds_the_context(original_folder, tmp_path):
+    from medlava.engine.llm_engine import LLMEngine
+    from medlava.engine.sampling import SamplingParams
+
+    folder, clip = variant(original_folder, tmp_path, tokenizer_model_max_length=64)
+    lm = load_model(folder, vision_tower=clip)
+    assert lm.config.text.max_position_embeddings == 64
+    engine = LLMEngine(lm)
+    assert engine.make_sequence("a", [5] * 60, params=SamplingParams(max_tokens=100)).budget == 4
+    with pytest.raises(ValueError, match="64-token context"):
+        engine.make_sequence("b", [5] * 64)
+    folder, clip = variant(original_folder, tmp_path / "bad", tokenizer_model_max_length="long")
+    with pytest.raises(ModelLoadError, match="tokenizer_model_max_length"):
+        load_model(folder, vision_tower=clip)
+
+
+def test_vision_select_feature(original_folder, tmp_path):
+    """clip_encoder.feature_select: "patch" drops CLS, "cls_patch" keeps it, anything else is an error."""
+    folder, clip = variant(original_folder, tmp_path, mm_vision_select_feature="cls_patch")
+    lm = load_model(folder, vision_tower=clip)
+    assert lm.config.vision_feature_select_strategy == "full"
+    assert lm.config.image_tokens == lm.config.vision.num_patches + 1
+    folder, clip = variant(original_folder, tmp_path / "bad", mm_vision_select_feature="cls")
+    with pytest.raises(ModelLoadError, match="'cls'.*'patch', 'cls_patch'"):
+        load_model(folder, vision_tower=clip)

@@ -8,7 +8,8 @@ from pathlib import Path
 from medlava.analysis.report import Report
 from medlava.analysis.volumes import answer_volumes, is_volume, position_of, slice_index, slice_study, slice_z
 from medlava.chat.images import ImageInput, open_image
-from medlava.chat.templates import build_prompt, get_template
+from medlava.chat.messages import question_messages, render_prompt
+from medlava.chat.templates import get_template
 from medlava.engine.llm import LLM
 from medlava.engine.sampling import SamplingParams
 from medlava.model.demo import resolve_model
@@ -83,7 +84,8 @@ class Analyzer:
         template = get_template(self.lm.conv_mode)
         params = params or SamplingParams()
         params = replace(params, stop=list(dict.fromkeys([*params.stop, *template.stop])))
-        prompts = [build_prompt(template, question.strip()) for _, question in items]  # refuses empty ones
+        # question_messages refuses empty questions; render_prompt is the one renderer.
+        prompts = [render_prompt(question_messages(question.strip()), template) for _, question in items]
         opened = self._open_all([image for image, _ in items], window, None if volumes == "auto" else 1)
         stacks = [i for i, (_, study) in enumerate(opened) if volumes == "auto" and is_volume(study)]
         flat = sorted(set(range(len(items))) - set(stacks))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from medlava.chat.templates import IMAGE_PLACEHOLDER, Template
+from medlava.chat.templates import IMAGE_PLACEHOLDER, Template, get_template
 
 
 def _content(content) -> tuple[str, list]:
@@ -31,8 +31,8 @@ def _content(content) -> tuple[str, list]:
     return "\n".join(texts), images
 
 
-def render_messages(messages: list[dict], template: Template) -> tuple[str, list]:
-    """OpenAI-style chat messages -> (prompt in the model's template, images in order).
+def _turns(messages: list[dict]) -> tuple[str | None, list[str], list]:
+    """OpenAI-style messages -> (system text or None, turn texts, images in order).
 
     Each user turn's images come first in that turn, as LLaVA was trained (`<image>\\n` + text).
     """
@@ -52,10 +52,41 @@ def render_messages(messages: list[dict], template: Template) -> tuple[str, list
             )
         if imgs and role != "user":
             raise ValueError("only user messages may hold images")
+        if role == "user" and not imgs and not text.strip():
+            raise ValueError("a user message is empty")
         turns.append(f"{IMAGE_PLACEHOLDER}\n" * len(imgs) + text)
         images += imgs
     if not turns or len(turns) % 2 == 0:
         raise ValueError("the last message must be from the user")
+    return system, turns, images
+
+
+def render_prompt(messages: list[dict], conv_mode: str | Template) -> str:
+    """OpenAI-style chat messages -> the prompt in conversation template `conv_mode`.
+
+    The one path from messages to a prompt (the engine's `messages`, `Analyzer`, `build_prompt`).
+    Content is a string or a list of parts; an `image_url` (or `image`) part becomes `<image>`.
+    A system message replaces the template's system prompt.
+    """
+    system, turns, _ = _turns(messages)
+    template = conv_mode if isinstance(conv_mode, Template) else get_template(conv_mode)
     if system is not None:
         template = replace(template, system=system)
-    return template.render(turns), images
+    return template.render(turns)
+
+
+def render_messages(messages: list[dict], template: str | Template) -> tuple[str, list]:
+    """(render_prompt(messages, template), the messages' images in order)."""
+    return render_prompt(messages, template), _turns(messages)[2]
+
+
+def question_messages(question: str, history: list[tuple[str, str]] = ()) -> list[dict]:
+    """Messages asking `question` about one image, placed first; `history`: earlier (question, answer) pairs."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    msgs: list[dict] = []
+    for q, a in history:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    msgs.append({"role": "user", "content": question})
+    msgs[0] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": msgs[0]["content"]}]}
+    return msgs

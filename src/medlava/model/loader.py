@@ -15,6 +15,8 @@ from medlava.model.llava import LlavaModel
 from medlava.model.weights import check_complete, load_weights
 
 ORIGINAL_IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: never a vocabulary id
+# LLaVA-Med's mm_vision_select_feature (clip_encoder.feature_select) -> vision_feature_select_strategy.
+SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
 
 @dataclass
@@ -81,7 +83,7 @@ def hf_config(folder: Path, raw: dict) -> LlavaConfig:
         vision_feature_layer=hf.vision_feature_layer,
         vision_feature_select_strategy=hf.vision_feature_select_strategy,
         image_token_id=hf.image_token_index,
-        image_aspect_ratio=raw.get("image_aspect_ratio", "crop"),  # the HF processor centre-crops
+        image_aspect_ratio=aspect_ratio(raw),
     )
 
 
@@ -107,15 +109,47 @@ def original_config(raw: dict, clip_folder: Path) -> LlavaConfig:
     model_type = "mistral" if "mistral" in raw.get("model_type", "") else "llama"
     text_raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
     select = raw.get("mm_vision_select_feature", "patch")
+    if select not in SELECT_FEATURES:
+        raise ModelLoadError(
+            f"unknown mm_vision_select_feature {select!r}: LLaVA-Med knows {', '.join(map(repr, SELECT_FEATURES))}"
+        )
     return LlavaConfig(
         vision=vision_config_from_hf(CLIPVisionConfig.from_pretrained(clip_folder)),
         text=text_config_from_hf(AutoConfig.for_model(model_type, **text_raw)),
         projector_type=raw.get("mm_projector_type", "linear"),
         vision_feature_layer=raw.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="default" if select == "patch" else "full",
+        vision_feature_select_strategy=SELECT_FEATURES[select],
         image_token_id=ORIGINAL_IMAGE_TOKEN_ID,
-        image_aspect_ratio=raw.get("image_aspect_ratio", "pad"),
+        image_aspect_ratio=aspect_ratio(raw),
     )
+
+
+def aspect_ratio(raw: dict) -> str:
+    # LLaVA-Med's process_images pads only when image_aspect_ratio is "pad"; anything else,
+    # a missing key included, is the CLIP processor as is (resize and centre-crop).
+    return "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"
+
+
+def check_image_tokens(raw: dict) -> None:
+    """LLaVA's image start/end and patch tokens: what medlava runs, or one clear line why not."""
+    if raw.get("mm_use_im_start_end"):
+        # model_vqa would prompt with <im_start><image><im_end> and the builder add both tokens.
+        raise ModelLoadError(
+            "mm_use_im_start_end=true is not supported: medlava prompts with <image> alone "
+            "(LLaVA-Med v1.5 checkpoints set mm_use_im_start_end=false)"
+        )
+    # mm_use_im_patch_token only makes LLaVA-Med's builder add an <im_patch> vocabulary entry that
+    # no prompt or image path uses (features replace IMAGE_TOKEN_INDEX alone): nothing to do.
+
+
+def bound_context(cfg: LlavaConfig, raw: dict) -> None:
+    # LLaVA-Med cuts every input at tokenizer_model_max_length (prepare_inputs_labels_for_multimodal):
+    # the model never saw longer ones, so it bounds the context.
+    limit = raw.get("tokenizer_model_max_length")
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise ModelLoadError(f"tokenizer_model_max_length must be a positive integer, got {limit!r}")
+        cfg.text.max_position_embeddings = min(cfg.text.max_position_embeddings, limit)
 
 
 def default_conv_mode(raw: dict, layout: str, cfg: LlavaConfig) -> str:
@@ -175,6 +209,7 @@ def load_model(
         raise ModelLoadError(f"model folder not found: {folder}")
     raw = read_json(folder / "config.json")
     layout = detect_layout(raw)
+    check_image_tokens(raw)
     torch_dtype = dtype_of(raw, dtype)
     if layout == "hf":
         cfg = hf_config(folder, raw)
@@ -184,6 +219,7 @@ def load_model(
         cfg = original_config(raw, clip_folder)
         proc_file = clip_folder / "preprocessor_config.json"
     cfg.dtype = str(torch_dtype).removeprefix("torch.")
+    bound_context(cfg, raw)
 
     model = build_empty(cfg, torch_dtype, device)
     if layout == "hf":
