@@ -137,7 +137,7 @@ def test_occlusion_through_the_engine_equals_the_plain_model(lm, xray_image):
     assert proc.aspect == "crop" and frame.size == (37, 28)
     base = score(xray_image)
     expected = np.zeros((grid, grid))
-    colour = tuple(int(m * 255) for m in proc.mean)
+    colour = grounding.OCCLUSION_FILL  # black
     p, left = vc.patch_size, (37 - 28) // 2
     for r in range(grid):
         for c in range(grid):

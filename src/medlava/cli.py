@@ -154,7 +154,7 @@ def report(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
-    grounding: GroundingOpt = "relevance",
+    grounding: GroundingOpt = "occlusion",
 ) -> None:
     """Draft a structured radiology report of IMAGE (an AI draft for a clinician to review)."""
     from medlava import Analyzer, SamplingParams
@@ -398,7 +398,16 @@ def eval_vqa(
     vision_tower: VisionTowerOpt = None,
     num_chunks: Annotated[int, typer.Option(min=1)] = 1,
     chunk_idx: Annotated[int, typer.Option(min=0)] = 0,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    conv_mode: Annotated[
+        str | None, typer.Option("--conv-mode", help="Conversation template (LLaVA-Med v1.5: mistral_instruct); "
+                                 "default: the model's own.")
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="0 = greedy (LLaVA-Med's README runs 0.0; model_vqa's default is 0.2).")
+    ] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (model_vqa: off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (model_vqa calls set_seed(0)).")] = 0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="model_vqa's max_new_tokens.")] = 1024,
     batch_size: Annotated[int, typer.Option(min=1, help="Questions sent to the engine at once.")] = 64,
     shuffle_images: Annotated[
         int | None, typer.Option(help="Control run: give each question another study's image (seed).")
@@ -415,7 +424,8 @@ def eval_vqa(
     from medlava.eval.vqa import run_vqa
 
     analyzer = run_guarded(
-        Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory
+        Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory,
+        conv_mode=conv_mode,
     )
     with Progress(transient=True) as bar:
         task = bar.add_task("answering", total=None)
@@ -428,6 +438,9 @@ def eval_vqa(
             num_chunks=num_chunks,
             chunk_idx=chunk_idx,
             max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
             batch_size=batch_size,
             shuffle_images_seed=shuffle_images,
             volumes=volumes,
@@ -441,18 +454,90 @@ def eval_score(
     answers: Annotated[Path, typer.Option("--answers", help="Answers JSONL from `medlava eval vqa`.")],
     gold: Annotated[Path, typer.Option("--gold", help="Question JSONL with answer and answer_type.")],
     out: Annotated[Path | None, typer.Option("--out", help="Where to save the scores as JSON.")] = None,
+    metrics: Annotated[
+        str, typer.Option("--metrics", help="medlava: whole-word scores by group beside the majority baseline; "
+                          "llava-med: LLaVA-Med v1.0 run_eval.py's numbers (the paper's tables).")
+    ] = "medlava",
 ) -> None:
     """Score answers: closed accuracy, open recall, exact match, token F1, beside the majority baseline."""
     from rich.console import Console
 
-    from medlava.eval.table import score_table
-    from medlava.eval.vqa import score
+    from medlava.eval.table import llava_med_table, score_table
+    from medlava.eval.vqa import score, score_llava_med
 
-    result = run_guarded(score, answers, gold)
-    Console(width=140).print(score_table(result))
-    target = out or answers.with_suffix(".scores.json")
+    if metrics not in ("medlava", "llava-med"):
+        fail(f"--metrics must be medlava or llava-med, got {metrics!r}")
+    if metrics == "llava-med":
+        result = run_guarded(score_llava_med, answers, gold)
+        Console(width=140).print(llava_med_table(result))
+    else:
+        result = run_guarded(score, answers, gold)
+        Console(width=140).print(score_table(result))
+    target = out or answers.with_suffix(".llava-med.scores.json" if metrics == "llava-med" else ".scores.json")
     target.write_text(json.dumps(result, indent=1))
     typer.echo(f"scores saved to {target}")
+
+
+@eval_app.command("import")
+def eval_import(
+    dataset: Annotated[str, typer.Argument(help="vqa-rad, slake or pathvqa.")],
+    source: Annotated[Path, typer.Argument(help="The dataset's released question file (JSON; PathVQA also .pkl).")],
+    out: Annotated[Path, typer.Option("--out", help="model_vqa question JSONL to write.")],
+) -> None:
+    """Convert VQA-RAD / SLAKE / PathVQA question files to model_vqa questions with answer and answer_type."""
+    from medlava.eval.importers import import_questions
+
+    counts = run_guarded(import_questions, dataset, source, out)
+    typer.echo(f"{counts['questions']} questions ({counts['closed']} closed, {counts['open']} open) in {out}"
+               + (f"; {counts['skipped']} skipped ({counts['skipped_why']})" if counts["skipped"] else ""))
+
+
+@eval_app.command("judge")
+def eval_judge(
+    questions: Annotated[Path, typer.Option("--questions", help="The question JSONL (reference: gpt4_answer or answer).")],
+    answers: Annotated[Path, typer.Option("--answers", help="Answers JSONL from `medlava eval vqa`.")],
+    base_url: Annotated[str, typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1.")],
+    judge_model: Annotated[str, typer.Option("--judge-model", help="Model name the endpoint serves (LLaVA-Med: gpt-4-0314).")],
+    out: Annotated[Path, typer.Option("--out", help="Reviews JSONL to write (resumes if present).")],
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="OPENAI_API_KEY", show_envvar=True, help="Endpoint key.")
+    ] = None,
+    max_retries: Annotated[int, typer.Option(min=0, help="Retries on 429/5xx, with exponential backoff.")] = 6,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds per request.")] = 120.0,
+) -> None:
+    """Have a judge model review each answer against the reference with LLaVA-Med's GPT-review prompt."""
+    from rich.progress import Progress
+
+    from medlava.eval.judge import run_judge
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("reviewing", total=None)
+        result = run_guarded(run_judge, questions, answers, out, judge_model=judge_model, base_url=base_url,
+                             api_key=api_key, max_retries=max_retries, timeout=timeout,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    typer.echo(f"reviewed {result['reviewed']} answers ({result['already_reviewed']} already in {out}, "
+               f"{result['unanswered']} questions without an answer); reviews in {out}")
+    if result["malformed"]:
+        ids = ", ".join(map(str, result["malformed"][:20])) + (" …" if len(result["malformed"]) > 20 else "")
+        typer.echo(f"malformed replies (first line not two scores): {len(result['malformed'])}: {ids}")
+
+
+@eval_app.command("summarize")
+def eval_summarize(
+    reviews: Annotated[Path, typer.Argument(help="Reviews JSONL from `medlava eval judge`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """LLaVA-Med's review table: judge score, model score, relative score and count by type, domain, overall."""
+    from rich.console import Console
+
+    from medlava.eval.judge import summarize
+    from medlava.eval.table import review_table
+
+    result = run_guarded(summarize, reviews)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        Console(width=140).print(review_table(result))
 
 
 @eval_app.command("report")
@@ -462,7 +547,7 @@ def eval_report(
     out: Annotated[Path | None, typer.Option("--out", help="Reports JSONL to write (scores beside it).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 512,
     batch_size: Annotated[int, typer.Option(min=1, help="Studies sent to the engine at once.")] = 64,
-    grounding: GroundingOpt = "relevance",
+    grounding: GroundingOpt = "occlusion",
     dtype: str | None = None,
     device: str = "cpu",
 ) -> None:

@@ -111,7 +111,7 @@ def ground(analyzer: Analyzer, study: Study, report: Report, method: str) -> Non
 
 
 def draft_reports(analyzer: Analyzer, images: list[ImageInput], params: SamplingParams | None = None, *,
-                  window: str | None = None, grounding: str | None = "relevance") -> list[Report]:
+                  window: str | None = None, grounding: str | None = "occlusion") -> list[Report]:
     """Reports of several studies as one engine batch. Each study's questions (the report, plus
     modality and body part when its header lacks them) share the image's cached prefix. A series
     or volume is reported on its candidate slices (see analysis/volumes.py) and the reports merged;

@@ -133,7 +133,7 @@ class Analyzer:
         params: SamplingParams | None = None,
         *,
         window: str | None = None,
-        grounding: str | None = "relevance",
+        grounding: str | None = "occlusion",
     ) -> Report:
         """A structured draft report (sections, impression, findings present) of one study; each
         finding is boxed by `grounding` (an `explain` method; None: no boxes)."""
@@ -145,7 +145,7 @@ class Analyzer:
         params: SamplingParams | None = None,
         *,
         window: str | None = None,
-        grounding: str | None = "relevance",
+        grounding: str | None = "occlusion",
     ) -> list[Report]:
         """Reports of several studies, drafted as one engine batch, in order."""
         from medlava.analysis.reporting import draft_reports

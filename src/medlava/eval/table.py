@@ -51,3 +51,32 @@ def report_table(result: dict) -> Table:
         table.caption = (f"boxes: {_pct(result['model']['box_hit_rate'])} % of {result['model']['boxed']} boxed true "
                          "findings have their centre in the true box (15 px tolerance)")
     return table
+
+
+def llava_med_table(result: dict) -> Table:
+    """LLaVA-Med run_eval.py's rows, in its names (its `num_open`/`num_close` print swaps the two; not here)."""
+    table = Table(title=f"LLaVA-Med run_eval.py metrics ({result['answered']} answered, {result['unanswered']} "
+                        f"unanswered; {result['n_closed']} closed, {result['n_open']} open"
+                        + (f", {result['n_ignored']} neither" if result["n_ignored"] else "") + ")")
+    table.add_column("metric")
+    table.add_column("performance", justify="right")
+    for name, key in (("yes/no accuracy (closed)", "closed_acc"), ("recall (open)", "open_recall"),
+                      ("exact match score (open)", "exact_match"), ("f1 score (open)", "f1"),
+                      ("precision (open)", "precision")):
+        table.add_row(name, _pct(result[key]))
+    return table
+
+
+def review_table(result: dict) -> Table:
+    """`eval summarize`: summarize_gpt_review.py's numbers, one row per question type, domain and overall."""
+    table = Table(title=f"Judge reviews ({result['reviews']} reviews, {len(result['malformed'])} malformed)")
+    for col in ("group", "judge score", "model score", "relative score", "count", "skipped (judge 0)"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for name, g in result["groups"].items():
+        rel = "—" if g["relative_score"] is None else f"{g['relative_score']:.1f}"
+        table.add_row(name, f"{g['judge_score']:.2f}", f"{g['model_score']:.2f}", rel, str(g["count"]),
+                      str(g["skipped_judge_zero"]))
+    if result["malformed"]:
+        ids = ", ".join(map(str, result["malformed"][:20])) + (" …" if len(result["malformed"]) > 20 else "")
+        table.caption = f"malformed replies, left out: {ids}"
+    return table
