@@ -195,6 +195,49 @@ def report(
 
 
 @app.command()
+def serve(
+    model: ModelOpt = None,
+    vision_tower: VisionTowerOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (repeatable).")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests in flight before new ones get 429.")] = 64,
+    max_image_bytes: Annotated[
+        int | None, typer.Option(parser=parse_size, metavar="SIZE", help="Per-image byte limit (default 16MiB).")
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(parser=parse_size, metavar="SIZE", help="Request body limit (default 32MiB).")
+    ] = None,
+    conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    device: str = "cpu",
+    kv_cache_memory: KvMemoryOpt = None,
+) -> None:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
+    import logging
+
+    import uvicorn
+
+    from medlava.engine.async_engine import AsyncLLMEngine
+    from medlava.serve.api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_BYTES, create_app
+
+    engine = run_guarded(AsyncLLMEngine, model, vision_tower=vision_tower, dtype=dtype, device=device,
+                         conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
+    api = create_app(engine, api_keys=api_key or (), max_queue=max_queue,
+                     max_image_bytes=max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
+                     max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    log = logging.getLogger("medlava")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # request ids, sizes and timings; never prompts, images or identifiers
+    typer.echo(f"serving {api.state.model_name} on http://{host}:{port}/v1", err=True)
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+@app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Original LLaVA-Med (or any loadable) model folder.")],
     dst: Annotated[Path, typer.Argument(help="Where to write the Hugging Face Llava folder.")],

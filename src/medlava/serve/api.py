@@ -1,0 +1,397 @@
+"""The OpenAI-compatible HTTP API: `create_app(engine)` -> a FastAPI app.
+
+Routes: `POST /v1/chat/completions` (plain and SSE), `GET /v1/models`, `GET /health`, `GET /metrics`.
+The model runs in the `AsyncLLMEngine`'s own thread; request handlers only await its outputs, so
+the event loop (and `/health`) never waits on a step. Images come as `data:` URLs (PNG, JPEG or
+`application/dicom`) and are read here, off the loop, with byte and pixel limits. Errors are
+OpenAI's JSON shape `{"error": {"message", "type", "code"}}`. Logs carry request ids, sizes and
+timings, never prompt text, image bytes or DICOM identifiers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medlava.chat.images import decode_data_url
+from medlava.chat.templates import get_template
+from medlava.engine.async_engine import AsyncLLMEngine
+from medlava.engine.sampling import SamplingParams
+from medlava.engine.sequence import RequestOutput
+from medlava.errors import MedlavaError
+from medlava.imaging import load_study
+from medlava.imaging.study import MAX_PIXELS
+from medlava.serve.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+logger = logging.getLogger("medlava.serve")
+
+IMAGE_MIMES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "application/dicom": "dicom"}
+DEFAULT_MAX_BODY_BYTES = 32 << 20
+DEFAULT_MAX_IMAGE_BYTES = 16 << 20
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_TOKENS = 256
+
+
+class APIError(Exception):
+    """A refusal with its HTTP status, OpenAI error type and code."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers
+
+
+def error_response(status: int, message: str, code: str | None, type_: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _validation_message(errors: Iterable[dict]) -> str:
+    """Pydantic errors -> 'field: problem; ...' (never echoing the input itself)."""
+    parts = []
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return "the request body is not valid JSON"
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts[:5]) or "invalid request"
+
+
+class _Limits:
+    def __init__(self, max_body_bytes: int, max_image_bytes: int, max_pixels: int, max_queue: int):
+        self.max_body_bytes, self.max_image_bytes = max_body_bytes, max_image_bytes
+        self.max_pixels, self.max_queue = max_pixels, max_queue
+
+
+def _load_image(url: str, limits: _Limits):
+    """A data: URL -> a `Study` (runs in a worker thread); every bad input is an APIError."""
+    if url.startswith(("http://", "https://")):
+        raise APIError(400, "remote image URLs are not fetched (medlava never uses the network): "
+                       "send the image as a data:<mime>;base64,... URL", "remote_image_url")
+    if not url.startswith("data:"):
+        raise APIError(400, "image_url.url must be a data:<mime>;base64,... URL", "invalid_image_url")
+    head = url[: min(len(url), 200)].partition(",")[0]
+    mime = head[5:].split(";")[0].strip().lower()
+    if mime not in IMAGE_MIMES:
+        raise APIError(400, f"unsupported image type {mime[:60]!r}: send image/png, image/jpeg or "
+                       "application/dicom", "unsupported_image_type")
+    approx = (len(url) - len(head) - 1) * 3 // 4
+    if approx > limits.max_image_bytes:
+        raise APIError(413, f"an image is about {approx} bytes, over the {limits.max_image_bytes}-byte "
+                       "per-image limit", "image_too_large")
+    try:
+        data, _ = decode_data_url(url)
+    except ValueError as e:
+        raise APIError(400, str(e), "invalid_image_data") from None
+    try:
+        return load_study(data, mime=mime, max_pixels=limits.max_pixels)
+    except (MedlavaError, ValueError, OSError) as e:
+        raise APIError(400, f"could not read the image: {e}", "invalid_image") from None
+
+
+def _engine_messages(req: ChatCompletionRequest, limits: _Limits) -> tuple[list[dict], int]:
+    """Request messages -> the engine's OpenAI-shaped dicts with images read to `Study`s."""
+    out, n_images = [], 0
+    for m in req.messages:
+        if m.content is None or isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        parts = []
+        for p in m.content:
+            if p.type == "text":
+                parts.append({"type": "text", "text": p.text})
+            else:
+                parts.append({"type": "image", "image": _load_image(p.image_url.url, limits)})
+                n_images += 1
+        out.append({"role": m.role, "content": parts})
+    return out, n_images
+
+
+def _params(req: ChatCompletionRequest, template_stop: Iterable[str]) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(
+        temperature=0.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        stop=list(dict.fromkeys([*stop, *template_stop])),
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+class _EngineCollector:
+    """Prometheus gauges read from the engine's last-step metrics at scrape time."""
+
+    def __init__(self, engine: AsyncLLMEngine):
+        self.engine = engine
+
+    def collect(self):
+        m = self.engine.metrics()
+        yield GaugeMetricFamily("medlava_num_requests_running", "Requests in the running batch.", value=m.running)
+        yield GaugeMetricFamily("medlava_num_requests_waiting", "Requests waiting to be scheduled.", value=m.waiting)
+        usage = m.kv_blocks_used / m.kv_blocks_total if m.kv_blocks_total else 0.0
+        yield GaugeMetricFamily("medlava_kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", value=usage)
+        yield GaugeMetricFamily("medlava_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / "
+                                "prompt tokens looked up.", value=m.prefix_cache_hit_rate)
+
+
+def create_app(
+    engine: AsyncLLMEngine,
+    *,
+    model_name: str | None = None,
+    api_keys: Iterable[str] = (),
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    shutdown_engine: bool = True,
+) -> FastAPI:
+    """The API over `engine`; `model_name` defaults to the model folder's name (`LoadedModel.name`).
+
+    api_keys: when given, every `/v1` route needs `Authorization: Bearer <one of them>`.
+    max_queue: requests in flight (queued or running) before new ones get 429.
+    """
+    lm = engine.engine.lm
+    name = model_name or lm.name
+    keys = [k.encode() for k in api_keys]
+    limits = _Limits(max_body_bytes, max_image_bytes, max_pixels, max_queue)
+    template_stop = tuple(get_template(lm.conv_mode).stop)
+    created = int(time.time())
+    pending = 0  # requests admitted whose images are still being read (not yet counted by the engine)
+
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(engine))
+    prompt_tokens = Counter("medlava_prompt_tokens", "Prompt tokens of finished requests.", registry=registry)
+    generation_tokens = Counter("medlava_generation_tokens", "Generated tokens of finished requests.",
+                                registry=registry)
+    buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+    ttft = Histogram("medlava_time_to_first_token_seconds", "Time to first token.", buckets=buckets,
+                     registry=registry)
+    e2e = Histogram("medlava_e2e_request_latency_seconds", "End-to-end request latency.", buckets=buckets,
+                    registry=registry)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if shutdown_engine:
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    app = FastAPI(title="medlava", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.model_name = name
+    app.state.limits = limits
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, e: APIError):
+        return error_response(e.status, e.message, e.code, e.type, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, e: RequestValidationError):
+        return error_response(400, _validation_message(e.errors()), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(e.status_code, str(e.detail), code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, e: Exception):
+        logger.error("internal error: %s", type(e).__name__, exc_info=e)
+        return error_response(500, "internal server error", "internal_error", "server_error")
+
+    def check_auth(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        ok = False
+        for key in keys:  # every key compared, in constant time
+            ok |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not ok:
+            raise APIError(401, "missing or invalid API key: send Authorization: Bearer <key>",
+                           "invalid_api_key", "authentication_error")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check_auth(request)
+        return ModelList(data=[ModelCard(id=name, created=created)]).model_dump()
+
+    async def read_body(request: Request) -> bytes:
+        limit = limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > 8 * limit:
+            raise APIError(413, f"the request body is {declared} bytes, over the {limit}-byte limit",
+                           "request_too_large")
+        body, size = bytearray(), 0
+        async for chunk in request.stream():  # drained (up to 8x) so the client sees the reply
+            size += len(chunk)
+            if size > 8 * limit:
+                break
+            if size <= limit:
+                body += chunk
+        if size > limit:
+            raise APIError(413, f"the request body is over the {limit}-byte limit", "request_too_large")
+        return bytes(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        nonlocal pending
+        check_auth(request)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        t0 = time.perf_counter()
+        try:
+            body = await read_body(request)
+            try:
+                raw = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+            try:
+                req = ChatCompletionRequest.model_validate(raw)
+            except ValidationError as e:
+                raise APIError(400, _validation_message(e.errors()), "invalid_request") from None
+            if req.model != name:
+                raise APIError(404, f"model {req.model[:100]!r} does not exist: this server serves {name!r}",
+                               "model_not_found")
+            if req.n != 1:
+                raise APIError(400, f"n must be 1 (got {req.n}): ask again for another answer", "unsupported_n")
+            params = _params(req, template_stop)
+            if pending + engine.num_unfinished() >= limits.max_queue:
+                raise APIError(429, f"the server is busy ({limits.max_queue} requests in flight): retry shortly",
+                               "queue_full", "rate_limit_error", headers={"Retry-After": "1"})
+            pending += 1
+            try:
+                loop = asyncio.get_running_loop()
+                messages, n_images = await loop.run_in_executor(None, _engine_messages, req, limits)
+                logger.info("%s: %d body bytes, %d message(s), %d image(s), max_tokens=%d, stream=%s",
+                            rid, len(body), len(req.messages), n_images, params.max_tokens, req.stream)
+                gen = engine.generate(rid, params=params, messages=messages)
+            finally:
+                pending -= 1
+            try:
+                first = await anext(gen)
+            except (ValueError, MedlavaError) as e:  # the messages, the prompt's length, the images
+                await gen.aclose()
+                raise APIError(400, str(e), "invalid_prompt") from None
+        except APIError as e:
+            logger.info("%s: refused %d %s", rid, e.status, e.code)
+            raise
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return StreamingResponse(
+                _stream(rid, first, gen, include_usage, t0),
+                media_type="text/event-stream",
+                headers={"X-Request-Id": rid, "Cache-Control": "no-cache"},
+            )
+        last = first
+        try:
+            async for out in gen:
+                last = out
+        finally:
+            await gen.aclose()
+        usage = _finish(rid, last, t0)
+        resp = ChatCompletionResponse(
+            id=rid, model=name, usage=usage,
+            choices=[Choice(message=AssistantMessage(content=last.text.strip()), finish_reason=last.finish_reason)],
+        )
+        return JSONResponse(resp.model_dump(), headers={"X-Request-Id": rid})
+
+    def _finish(rid: str, out: RequestOutput, t0: float) -> Usage:
+        m = out.metrics
+        n_prompt = m.prompt_tokens if m else len(out.prompt_token_ids)
+        usage = Usage(prompt_tokens=n_prompt, completion_tokens=len(out.token_ids),
+                      total_tokens=n_prompt + len(out.token_ids))
+        prompt_tokens.inc(usage.prompt_tokens)
+        generation_tokens.inc(usage.completion_tokens)
+        first = m.time_to_first_token if m else None
+        if first is not None:
+            ttft.observe(first)
+        total = time.perf_counter() - t0
+        e2e.observe(total)
+        logger.info("%s: done, %d prompt + %d completion tokens, finish=%s, ttft=%s, e2e=%.3fs", rid,
+                    usage.prompt_tokens, usage.completion_tokens, out.finish_reason,
+                    "-" if first is None else f"{first:.3f}s", total)
+        return usage
+
+    async def _stream(rid: str, first: RequestOutput, gen: AsyncIterator[RequestOutput], include_usage: bool,
+                      t0: float) -> AsyncIterator[str]:
+        stamp = int(time.time())
+
+        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True) -> str:
+            c = ChatCompletionChunk(
+                id=rid, created=stamp, model=name, usage=usage,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)] if choices else [],
+            )
+            return f"data: {c.model_dump_json()}\n\n"
+
+        finished = False
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            out, started, held = first, False, ""
+            while True:
+                # The answer is stripped, as `Analyzer.ask` strips it: leading whitespace is dropped and
+                # trailing whitespace held back until more text follows it.
+                text = held + (out.delta_text if started else out.delta_text.lstrip())
+                started = started or bool(text)
+                body = text.rstrip()
+                held = text[len(body):]
+                if body:
+                    yield chunk(Delta(content=body))
+                if out.finished:
+                    finished = True
+                    break
+                out = await anext(gen)
+            usage = _finish(rid, out, t0)
+            yield chunk(Delta(), out.finish_reason)
+            if include_usage:
+                yield chunk(Delta(), usage=usage, choices=False)
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the engine failed mid-stream: say so in the stream, then end it
+            finished = True
+            logger.error("%s: failed mid-stream: %s", rid, type(e).__name__)
+            err = ErrorResponse(error=ErrorBody(message="internal server error", type="server_error",
+                                                code="internal_error"))
+            yield f"data: {err.model_dump_json()}\n\n"
+        finally:
+            if not finished:
+                logger.info("%s: stream ended early (client gone); request aborted", rid)
+            await gen.aclose()
+
+    return app
