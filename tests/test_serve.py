@@ -9,6 +9,7 @@ import logging
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -47,6 +48,27 @@ class Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record) + (record.exc_text or ""))
+
+
+@contextmanager
+def start_server(app):
+    """A uvicorn serving `app` on a free loopback port, in a thread; yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if srv.started:
+            break
+        time.sleep(0.01)
+    assert srv.started
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
 """The OpenAI-compatible HTTP API: `create_app(engine)` -> a FastAPI app.
 
-Routes: `POST /v1/chat/completions` (plain and SSE), `GET /v1/models`, `GET /health`, `GET /metrics`.
+Routes: `POST /v1/chat/completions` (plain and SSE), `POST /v1/reports`, `POST /v1/explain`, `GET /v1/models`,
+`GET /health`, `GET /metrics`. Reports and explanations run synchronously in a worker thread on their
+own `Analyzer` (the same loaded weights, its own small KV pool), one at a time under a lock, so the
+engine thread's `LLMEngine` is never called from two threads.
 The model runs in the `AsyncLLMEngine`'s own thread; request handlers only await its outputs, so
 the event loop (and `/health`) never waits on a step. Images come as `data:` URLs (PNG, JPEG or
 `application/dicom`) and are read here, off the loop, with byte and pixel limits. Errors are
@@ -11,7 +14,9 @@ timings, never prompt text, image bytes or DICOM identifiers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
+import io
 import json
 import logging
 import time
@@ -27,9 +32,11 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from medlava.analysis.vqa import Analyzer
 from medlava.chat.images import decode_data_url
 from medlava.chat.templates import get_template
 from medlava.engine.async_engine import AsyncLLMEngine
+from medlava.engine.llm import LLM
 from medlava.engine.sampling import SamplingParams
 from medlava.engine.sequence import RequestOutput
 from medlava.errors import MedlavaError
@@ -45,8 +52,10 @@ from medlava.serve.protocol import (
     Delta,
     ErrorBody,
     ErrorResponse,
+    ExplainRequest,
     ModelCard,
     ModelList,
+    ReportRequest,
     Usage,
 )
 
@@ -57,6 +66,7 @@ DEFAULT_MAX_BODY_BYTES = 32 << 20
 DEFAULT_MAX_IMAGE_BYTES = 16 << 20
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_ANALYSIS_KV_MEMORY = 256 << 20  # the analysis engine's own KV pool (bytes), beside the serving one
 
 
 class APIError(Exception):
@@ -147,6 +157,15 @@ def _params(req: ChatCompletionRequest, template_stop: Iterable[str]) -> Samplin
     )
 
 
+class SharedAnalyzer(Analyzer):
+    """An `Analyzer` on an already loaded model (no second copy of the weights) with its own
+    `LLM` engine and KV pool; only ever called by one thread at a time (the app holds a lock)."""
+
+    def __init__(self, lm, **engine_kwargs):  # noqa: D107 - deliberately not Analyzer.__init__
+        self.lm = lm
+        self.llm = LLM(lm, **engine_kwargs)
+
+
 class _EngineCollector:
     """Prometheus gauges read from the engine's last-step metrics at scrape time."""
 
@@ -173,11 +192,15 @@ def create_app(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_pixels: int = MAX_PIXELS,
     shutdown_engine: bool = True,
+    analyzer: Analyzer | None = None,
+    analysis_kv_memory: int = DEFAULT_ANALYSIS_KV_MEMORY,
 ) -> FastAPI:
     """The API over `engine`; `model_name` defaults to the model folder's name (`LoadedModel.name`).
 
     api_keys: when given, every `/v1` route needs `Authorization: Bearer <one of them>`.
     max_queue: requests in flight (queued or running) before new ones get 429.
+    analyzer: what `/v1/reports` and `/v1/explain` run on; default a `SharedAnalyzer` on the
+    engine's model with an `analysis_kv_memory`-byte KV pool of its own.
     """
     lm = engine.engine.lm
     name = model_name or lm.name
@@ -186,6 +209,9 @@ def create_app(
     template_stop = tuple(get_template(lm.conv_mode).stop)
     created = int(time.time())
     pending = 0  # requests admitted whose images are still being read (not yet counted by the engine)
+    analyzer = analyzer or SharedAnalyzer(lm, kv_cache_memory=analysis_kv_memory)
+    analysis_lock = asyncio.Lock()  # one analysis at a time (the Analyzer's engine is single-threaded)
+    analyses = 0  # analyses admitted (waiting for the lock or running); they count against max_queue
 
     registry = CollectorRegistry()
     registry.register(_EngineCollector(engine))
@@ -292,7 +318,7 @@ def create_app(
             if req.n != 1:
                 raise APIError(400, f"n must be 1 (got {req.n}): ask again for another answer", "unsupported_n")
             params = _params(req, template_stop)
-            if pending + engine.num_unfinished() >= limits.max_queue:
+            if pending + analyses + engine.num_unfinished() >= limits.max_queue:
                 raise APIError(429, f"the server is busy ({limits.max_queue} requests in flight): retry shortly",
                                "queue_full", "rate_limit_error", headers={"Retry-After": "1"})
             pending += 1
@@ -332,6 +358,93 @@ def create_app(
             choices=[Choice(message=AssistantMessage(content=last.text.strip()), finish_reason=last.finish_reason)],
         )
         return JSONResponse(resp.model_dump(), headers={"X-Request-Id": rid})
+
+    async def parse(request: Request, model_cls):
+        body = await read_body(request)
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        try:
+            req = model_cls.model_validate(raw)
+        except ValidationError as e:
+            raise APIError(400, _validation_message(e.errors()), "invalid_request") from None
+        if req.model != name:
+            raise APIError(404, f"model {req.model[:100]!r} does not exist: this server serves {name!r}",
+                           "model_not_found")
+        return req, len(body)
+
+    async def analyse(rid: str, work, *args):
+        """Run `work(*args)` in a worker thread, one analysis at a time; the loop stays free."""
+        nonlocal analyses
+        if pending + analyses + engine.num_unfinished() >= limits.max_queue:
+            raise APIError(429, f"the server is busy ({limits.max_queue} requests in flight): retry shortly",
+                           "queue_full", "rate_limit_error", headers={"Retry-After": "1"})
+        analyses += 1
+        t0 = time.perf_counter()
+        try:
+            async with analysis_lock:
+                return await asyncio.to_thread(work, *args)
+        finally:
+            analyses -= 1
+            logger.info("%s: done in %.3fs", rid, time.perf_counter() - t0)
+
+    @app.post("/v1/reports")
+    async def reports(request: Request):
+        check_auth(request)
+        rid = f"report-{uuid.uuid4().hex}"
+        try:
+            req, size = await parse(request, ReportRequest)
+            study = await asyncio.to_thread(_load_image, req.image, limits)
+            logger.info("%s: %d body bytes, format=%s, grounding=%s", rid, size, req.format, req.grounding)
+            params = SamplingParams(max_tokens=req.max_tokens or 512)
+            grounding = None if req.grounding == "none" else req.grounding
+
+            def work():
+                try:
+                    report = analyzer.report(study, params, grounding=grounding)
+                except (ValueError, MedlavaError) as e:
+                    raise APIError(400, str(e), "invalid_prompt") from None
+                if req.format == "fhir":
+                    from medlava.analysis.fhir import report_bundle
+
+                    return json.loads(report_bundle(report).model_dump_json(exclude_none=True))
+                return report.model_dump()
+
+            out = await analyse(rid, work)
+        except APIError as e:
+            logger.info("%s: refused %d %s", rid, e.status, e.code)
+            raise
+        return JSONResponse(out, headers={"X-Request-Id": rid})
+
+    @app.post("/v1/explain")
+    async def explain(request: Request):
+        check_auth(request)
+        rid = f"explain-{uuid.uuid4().hex}"
+        try:
+            req, size = await parse(request, ExplainRequest)
+            study = await asyncio.to_thread(_load_image, req.image, limits)
+            logger.info("%s: %d body bytes, method=%s", rid, size, req.method)
+
+            def work():
+                from medlava.analysis.grounding import NothingToLocalize
+                from medlava.analysis.overlay import overlay_image
+
+                try:
+                    ex = analyzer.explain(study, req.question, req.method)
+                except NothingToLocalize as e:
+                    raise APIError(422, str(e), "nothing_to_localize") from None
+                except (ValueError, MedlavaError) as e:
+                    raise APIError(400, str(e), "invalid_prompt") from None
+                buf = io.BytesIO()
+                overlay_image(ex.image, ex.heat, ex.peak, ex.box).save(buf, format="PNG")
+                return {**ex.to_dict(), "overlay": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+
+            out = await analyse(rid, work)
+        except APIError as e:
+            logger.info("%s: refused %d %s", rid, e.status, e.code)
+            raise
+        return JSONResponse(out, headers={"X-Request-Id": rid})
 
     def _finish(rid: str, out: RequestOutput, t0: float) -> Usage:
         m = out.metrics

@@ -54,6 +54,25 @@ class ChatCompletionRequest(_In):
     ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens whatever the model says
 
 
+class ReportRequest(_In):
+    """`POST /v1/reports`: a draft report of one study (`image` a data: URL)."""
+
+    model: str
+    image: str
+    format: Literal["json", "fhir"] = "json"  # "sr" (DICOM SR) is not offered over HTTP yet
+    grounding: Literal["occlusion", "relevance", "none"] = "occlusion"
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class ExplainRequest(_In):
+    """`POST /v1/explain`: answer `question` and show where in the image the answer came from."""
+
+    model: str
+    image: str
+    question: str = Field(min_length=1)
+    method: Literal["relevance", "occlusion"] = "relevance"
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
