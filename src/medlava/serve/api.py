@@ -296,6 +296,21 @@ def create_app(
             raise APIError(413, f"the request body is over the {limit}-byte limit", "request_too_large")
         return bytes(body)
 
+    async def parse(request: Request, model_cls):
+        body = await read_body(request)
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        try:
+            req = model_cls.model_validate(raw)
+        except ValidationError as e:
+            raise APIError(400, _validation_message(e.errors()), "invalid_request") from None
+        if req.model != name:
+            raise APIError(404, f"model {req.model[:100]!r} does not exist: this server serves {name!r}",
+                           "model_not_found")
+        return req, len(body)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         nonlocal pending
@@ -303,18 +318,7 @@ def create_app(
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         t0 = time.perf_counter()
         try:
-            body = await read_body(request)
-            try:
-                raw = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
-            try:
-                req = ChatCompletionRequest.model_validate(raw)
-            except ValidationError as e:
-                raise APIError(400, _validation_message(e.errors()), "invalid_request") from None
-            if req.model != name:
-                raise APIError(404, f"model {req.model[:100]!r} does not exist: this server serves {name!r}",
-                               "model_not_found")
+            req, body_bytes = await parse(request, ChatCompletionRequest)
             if req.n != 1:
                 raise APIError(400, f"n must be 1 (got {req.n}): ask again for another answer", "unsupported_n")
             params = _params(req, template_stop)
@@ -326,7 +330,7 @@ def create_app(
                 loop = asyncio.get_running_loop()
                 messages, n_images = await loop.run_in_executor(None, _engine_messages, req, limits)
                 logger.info("%s: %d body bytes, %d message(s), %d image(s), max_tokens=%d, stream=%s",
-                            rid, len(body), len(req.messages), n_images, params.max_tokens, req.stream)
+                            rid, body_bytes, len(req.messages), n_images, params.max_tokens, req.stream)
                 gen = engine.generate(rid, params=params, messages=messages)
             finally:
                 pending -= 1
@@ -358,21 +362,6 @@ def create_app(
             choices=[Choice(message=AssistantMessage(content=last.text.strip()), finish_reason=last.finish_reason)],
         )
         return JSONResponse(resp.model_dump(), headers={"X-Request-Id": rid})
-
-    async def parse(request: Request, model_cls):
-        body = await read_body(request)
-        try:
-            raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
-        try:
-            req = model_cls.model_validate(raw)
-        except ValidationError as e:
-            raise APIError(400, _validation_message(e.errors()), "invalid_request") from None
-        if req.model != name:
-            raise APIError(404, f"model {req.model[:100]!r} does not exist: this server serves {name!r}",
-                           "model_not_found")
-        return req, len(body)
 
     async def analyse(rid: str, work, *args):
         """Run `work(*args)` in a worker thread, one analysis at a time; the loop stays free."""
