@@ -22,7 +22,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 def test_ask_without_model_uses_the_demo_model():
-    result = CliRunner().invoke(app, ["ask", str(SAMPLES / "head_ct.dcm"), "What modality is this?", "--json"])
+    result = CliRunner().invoke(app, ["ask", str(SAMPLES / "phantom_abdomen_ct.dcm"), "What modality is this?", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["model"] == "medlava-tiny"

@@ -4,8 +4,9 @@ Real LLaVA starts from a pretrained CLIP; the demo model has none, and a ViT tra
 the language loss learns too slowly on 2 cores. So the tower first learns the world directly:
 modality, body part and, for every finding kind, whether it is present, on which side and in
 which zone, from its pooled patch features; and, patch by patch, which finding (if any) each patch
-shows. The dense target keeps spatial detail in the patch tokens and the side/zone targets make
-every token carry it, which is what the language model needs to say which side and where.
+shows and on which of the patient's sides it lies. The dense targets keep spatial detail in the
+patch tokens: a finding's own tokens say which side it is on, which is what the language model
+reads to say which side (without them the side was the demo's weakest answer).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ BODY_PARTS = ("chest", "abdomen", "head")
 KINDS = FINDING_KINDS
 STATES = ("absent", "present", "right", "left")  # per finding kind; "present" = a finding without side
 ZONES = (None, "upper", "middle", "lower")
+PATCH_SIDES = (None, "right", "left")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Labelled:
     states: torch.Tensor  # [K] index into STATES
     zones: torch.Tensor  # [K] index into ZONES
     patches: torch.Tensor  # [grid * grid] class per patch: 0 = none, k + 1 = KINDS[k]
+    patch_sides: torch.Tensor  # [grid * grid] index into PATCH_SIDES of the finding the patch shows
 
 
 def patch_labels(boxes: list[tuple[int, tuple]], grid: int, patch: int) -> torch.Tensor:
@@ -58,9 +61,7 @@ def patch_labels(boxes: list[tuple[int, tuple]], grid: int, patch: int) -> torch
 
 def label_study(record: dict, images: Path, proc: ImageProcessing, grid: int, patch: int) -> Labelled:
     image = load_study(images / record["image"]).key_image()
-    boxes = [
-        (KINDS.index(f["kind"]) + 1, box_to_input(tuple(f["box"]), image.size, proc)) for f in record["findings"]
-    ]
+    boxes = [(f, box_to_input(tuple(f["box"]), image.size, proc)) for f in record["findings"]]
     states = torch.zeros(len(KINDS), dtype=torch.long)
     zones = torch.zeros(len(KINDS), dtype=torch.long)
     for f in record["findings"]:
@@ -73,7 +74,8 @@ def label_study(record: dict, images: Path, proc: ImageProcessing, grid: int, pa
         BODY_PARTS.index(record["body_part"]),
         states,
         zones,
-        patch_labels(boxes, grid, patch),
+        patch_labels([(KINDS.index(f["kind"]) + 1, box) for f, box in boxes], grid, patch),
+        patch_labels([(PATCH_SIDES.index(f["side"]), box) for f, box in boxes if f["side"]], grid, patch),
     )
 
 
@@ -83,11 +85,13 @@ class WorldHeads(nn.Module):
         self.sizes = (len(MODALITIES), len(BODY_PARTS), len(KINDS) * len(STATES), len(KINDS) * len(ZONES))
         self.pooled = nn.Linear(dim, sum(self.sizes))
         self.patch = nn.Linear(dim, len(KINDS) + 1)
+        self.patch_side = nn.Linear(dim, len(PATCH_SIDES))
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
         modality, body, states, zones = self.pooled(feats.mean(1)).split(self.sizes, dim=-1)
         k = len(KINDS)
-        return modality, body, states.view(-1, k, len(STATES)), zones.view(-1, k, len(ZONES)), self.patch(feats)
+        states, zones = states.view(-1, k, len(STATES)), zones.view(-1, k, len(ZONES))
+        return modality, body, states, zones, self.patch(feats), self.patch_side(feats)
 
 
 def batch_of(items: list[Labelled]) -> dict[str, torch.Tensor]:
@@ -98,25 +102,27 @@ def batch_of(items: list[Labelled]) -> dict[str, torch.Tensor]:
         "states": torch.stack([i.states for i in items]),
         "zones": torch.stack([i.zones for i in items]),
         "patches": torch.stack([i.patches for i in items]),
+        "patch_sides": torch.stack([i.patch_sides for i in items]),
     }
 
 
 def world_loss(outputs: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor]) -> torch.Tensor:
-    modality, body, states, zones, patches = outputs
+    modality, body, states, zones, patches, patch_sides = outputs
     return (
         F.cross_entropy(modality, b["modality"])
         + F.cross_entropy(body, b["body_part"])
         + F.cross_entropy(states.flatten(0, 1), b["states"].flatten())
         + F.cross_entropy(zones.flatten(0, 1), b["zones"].flatten())
         + F.cross_entropy(patches.flatten(0, 1), b["patches"].flatten())
+        + F.cross_entropy(patch_sides.flatten(0, 1), b["patch_sides"].flatten())
     )
 
 
 @torch.no_grad()
 def evaluate(tower, heads, layer: int, items: list[Labelled]) -> dict[str, float]:
     b = batch_of(items)
-    modality, body, states, zones, patches = heads(_features(tower, b["pixels"], layer))
-    finding, present = b["patches"] > 0, b["states"] > 0
+    modality, body, states, zones, patches, patch_sides = heads(_features(tower, b["pixels"], layer))
+    finding, present, sided_patch = b["patches"] > 0, b["states"] > 0, b["patch_sides"] > 0
     sided = b["states"] >= STATES.index("right")
     return {
         "modality_acc": (modality.argmax(-1) == b["modality"]).float().mean().item(),
@@ -125,6 +131,9 @@ def evaluate(tower, heads, layer: int, items: list[Labelled]) -> dict[str, float
         "side_acc": (states.argmax(-1)[sided] == b["states"][sided]).float().mean().item(),
         "finding_patch_recall": (patches.argmax(-1)[finding] == b["patches"][finding]).float().mean().item()
         if finding.any()
+        else float("nan"),
+        "finding_patch_side_acc": (patch_sides.argmax(-1)[sided_patch] == b["patch_sides"][sided_patch]).float().mean().item()
+        if sided_patch.any()
         else float("nan"),
     }
 
