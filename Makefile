@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench browser
 
 $(BIN)/medlava: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check src tests scripts bench
 
-test: lint
+# Debian's chromium for the web UI browser test, where root and apt-get allow (quick when present).
+browser:
+	bash scripts/install_browser.sh
+
+test: lint browser
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -103,6 +103,60 @@ def ask(
 
 
 @app.command()
+def chat(
+    image: Annotated[str, typer.Argument(help=".dcm, DICOM folder, .nii/.nii.gz, .png or .jpg")],
+    model: ModelOpt = None,
+    url: Annotated[str | None, typer.Option(help="A running medlava server (http://HOST:PORT) instead of a local model.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="MEDLAVA_API_KEY", help="Bearer key for --url.")] = None,
+    vision_tower: VisionTowerOpt = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int | None = None,
+    window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
+    conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    device: str = "cpu",
+    kv_cache_memory: KvMemoryOpt = None,
+) -> None:
+    """Talk about IMAGE, turn after turn, answers streamed; questions line by line from stdin when piped."""
+    import sys
+
+    from medlava import Analyzer, SamplingParams
+    from medlava.imaging import load_study
+    from medlava.serve.chat_cli import LocalChat, RemoteChat, questions, run
+
+    if url and (model or vision_tower or conv_mode or dtype or kv_cache_memory):
+        fail("--url talks to a server, which has its own model: drop --model/--vision-tower/--conv-mode/--dtype")
+    params = run_guarded(SamplingParams, temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    study = run_guarded(load_study, image, window=window, key_slices=None)  # before the (slow) model load
+    if url:
+        session = _remote_guarded(RemoteChat, url, image, study, params, window=window, api_key=api_key)
+    else:
+        analyzer = run_guarded(Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device,
+                               conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
+        session = LocalChat(analyzer, study, params)
+    if sys.stdin.isatty():
+        typer.echo("Ask about the study; an empty line is skipped, 'exit' or Ctrl-D ends.", err=True)
+    _remote_guarded(run, session, questions(sys.stdin, sys.stdout))
+
+
+def _remote_guarded(fn, *args, **kwargs):
+    """run_guarded, and a server's refusal or an unreachable server is one line too."""
+    import openai
+
+    try:
+        return run_guarded(fn, *args, **kwargs)
+    except openai.APIStatusError as e:
+        body = e.body if isinstance(e.body, dict) else {}
+        fail(f"the server answered {e.status_code}: {body.get('message') or e.message}")
+    except openai.APIConnectionError as e:
+        fail(f"cannot reach the server: {e.__cause__ or e}")
+    except openai.APIError as e:  # an error event in the middle of a stream
+        fail(f"the server failed: {e.message}")
+
+
+@app.command()
 def explain(
     image: Annotated[str, typer.Argument(help=".dcm, DICOM folder, .nii/.nii.gz, .png or .jpg")],
     question: Annotated[str, typer.Argument(help="A question whose answer names a finding to localise.")],
@@ -214,6 +268,7 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
+    ui: Annotated[bool, typer.Option("--ui", help="Also serve the web UI at /ui (Gradio, offline).")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     import logging
@@ -227,13 +282,93 @@ def serve(
                          conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
     api = create_app(engine, api_keys=api_key or (), max_queue=max_queue,
                      max_image_bytes=max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
-                     max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+                     max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, ui=ui)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     log = logging.getLogger("medlava")
     log.addHandler(handler)
     log.setLevel(logging.INFO)  # request ids, sizes and timings; never prompts, images or identifiers
-    typer.echo(f"serving {api.state.model_name} on http://{host}:{port}/v1", err=True)
+    where = f"http://{host}:{port}"
+    typer.echo(f"serving {api.state.model_name} on {where}/v1" + (f", the web UI on {where}/ui" if ui else ""), err=True)
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+def _log_requests_to_stderr() -> None:
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    log = logging.getLogger("medlava")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # request ids, sizes, timings and worker addresses; never prompts or images
+
+
+def _check_url(option: str, url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        fail(f"{option} must be a URL like http://HOST:PORT, got {url!r}")
+    return url.rstrip("/")
+
+
+@app.command()
+def controller(
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 21001,
+    dispatch: Annotated[str, typer.Option("--dispatch", "--dispatch-method",
+                                          help="shortest_queue (queue length / speed) or lottery (by speed).")
+                        ] = "shortest_queue",
+) -> None:
+    """Run the LLaVA controller: workers register with it; LLaVA clients and the OpenAI API (/v1) are routed
+    to them (heartbeat expiry: $MEDLAVA_CONTROLLER_HEART_BEAT_EXPIRATION seconds, default 30)."""
+    import uvicorn
+
+    from medlava.serve.controller import Controller, create_controller_app
+
+    api = create_controller_app(run_guarded(Controller, dispatch))
+    _log_requests_to_stderr()
+    typer.echo(f"controller on http://{host}:{port} (OpenAI API at /v1), dispatch {dispatch}", err=True)
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker(
+    controller_url: Annotated[str, typer.Option("--controller", "--controller-address",
+                                                help="The controller's URL, e.g. http://127.0.0.1:21001.")],
+    model: ModelOpt = None,
+    vision_tower: VisionTowerOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 21002,
+    worker_address: Annotated[str | None, typer.Option(
+        help="This worker's URL as the controller and clients reach it (default http://HOST:PORT).")] = None,
+    limit_model_concurrency: Annotated[int, typer.Option(
+        min=1, help="LLaVA requests in the engine at once (it batches them); more wait their turn.")] = 5,
+    model_name: Annotated[str | None, typer.Option(help="Serve the model under this name (default: its folder's).")
+                          ] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (repeatable).")
+    ] = None,
+    conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    device: str = "cpu",
+    kv_cache_memory: KvMemoryOpt = None,
+) -> None:
+    """Run a LLaVA model worker on medlava's engine: registers with --controller, serves LLaVA's
+    /worker_generate_stream and the OpenAI API (heartbeats: $MEDLAVA_WORKER_HEART_BEAT_INTERVAL s, default 15)."""
+    import uvicorn
+
+    from medlava.engine.async_engine import AsyncLLMEngine
+    from medlava.serve.worker import create_worker_app
+
+    controller_url = _check_url("--controller", controller_url)
+    if worker_address is None:  # a wildcard host is no address to be reached at: name this machine's loopback
+        worker_address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+    worker_address = _check_url("--worker-address", worker_address)
+    engine = run_guarded(AsyncLLMEngine, model, vision_tower=vision_tower, dtype=dtype, device=device,
+                         conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
+    api = run_guarded(create_worker_app, engine, controller_url=controller_url, worker_address=worker_address,
+                      limit_model_concurrency=limit_model_concurrency, model_name=model_name,
+                      api_keys=api_key or ())
+    _log_requests_to_stderr()
+    typer.echo(f"worker for {api.state.model_name} on {worker_address}, registering with {controller_url}", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")
 
 

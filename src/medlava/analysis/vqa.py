@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from medlava.analysis.report import Report
 from medlava.analysis.volumes import answer_volumes, is_volume, position_of, slice_index, slice_study, slice_z
 from medlava.chat.images import ImageInput, open_image
-from medlava.chat.messages import question_messages, render_prompt
-from medlava.chat.templates import get_template
+from medlava.chat.templates import build_prompt, get_template
 from medlava.engine.llm import LLM
 from medlava.engine.sampling import SamplingParams
 from medlava.model.demo import resolve_model
 from medlava.model.loader import LoadedModel, load_model
 
 VOLUME_MODES = ("auto", "middle")
+_stream_ids = itertools.count()
+
+
+class AnswerStripper:
+    """Strips a streamed answer as `Analyzer.ask` strips a whole one: leading whitespace is dropped
+    and trailing whitespace held back until more text follows it, so the pieces join to `text.strip()`."""
+
+    def __init__(self):
+        self.started, self.held = False, ""
+
+    def feed(self, delta: str) -> str:
+        text = self.held + (delta if self.started else delta.lstrip())
+        self.started = self.started or bool(text)
+        body = text.rstrip()
+        self.held = text[len(body):]
+        return body
 
 
 @dataclass
@@ -81,11 +98,8 @@ class Analyzer:
         """
         if volumes not in VOLUME_MODES:
             raise ValueError(f"volumes must be one of {', '.join(VOLUME_MODES)}, got {volumes!r}")
-        template = get_template(self.lm.conv_mode)
-        params = params or SamplingParams()
-        params = replace(params, stop=list(dict.fromkeys([*params.stop, *template.stop])))
-        # question_messages refuses empty questions; render_prompt is the one renderer.
-        prompts = [render_prompt(question_messages(question.strip()), template) for _, question in items]
+        params = self._with_template_stop(params)
+        prompts = [self._prompt(question) for _, question in items]
         opened = self._open_all([image for image, _ in items], window, None if volumes == "auto" else 1)
         stacks = [i for i, (_, study) in enumerate(opened) if volumes == "auto" and is_volume(study)]
         flat = sorted(set(range(len(items))) - set(stacks))
@@ -102,6 +116,42 @@ class Analyzer:
             answers[i] = Answer(prompts[i], best.text, best.token_ids, best.finish_reason, self.lm.name,
                                 study.modality, slice_index(study, best.position), slice_z(study, best.position))
         return [answers[i] for i in range(len(items))]
+
+    def stream(
+        self,
+        image: ImageInput,
+        question: str,
+        params: SamplingParams | None = None,
+        *,
+        history: list[tuple[str, str]] = (),
+        window: str | None = None,
+    ) -> Iterator[str]:
+        """Answer `question` about one image, yielding the answer as it is generated (the pieces join
+        to what `ask` returns). `history`: this conversation's earlier (question, answer) turns.
+        A series or volume is read on its key slice; `ask` is what chooses the most telling one."""
+        pil, _ = open_image(image, window)
+        prompt, params = self._prompt(question, history), self._with_template_stop(params)
+        engine, rid = self.llm.engine, f"stream-{next(_stream_ids)}"
+        engine.add_request(rid, prompt=prompt, images=[pil], params=params)
+        strip, finished = AnswerStripper(), False
+        try:
+            while not finished and engine.has_unfinished():
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        if piece := strip.feed(out.delta_text):
+                            yield piece
+        finally:
+            if not finished:  # the caller stopped early (or the engine failed): free the blocks
+                engine.abort(rid)
+
+    def _prompt(self, question: str, history: list[tuple[str, str]] = ()) -> str:
+        return build_prompt(self.lm.conv_mode, question.strip(), history)  # refuses an empty question
+
+    def _with_template_stop(self, params: SamplingParams | None) -> SamplingParams:
+        params = params or SamplingParams()
+        stop = get_template(self.lm.conv_mode).stop
+        return replace(params, stop=list(dict.fromkeys([*params.stop, *stop])))
 
     def explain(self, image: ImageInput, question: str, method: str = "relevance", *, window: str | None = None):
         """Answer `question` and show where in the image the answer came from: an `Explanation`

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API: `create_app(engine)` -> a FastAPI app.
 
 Routes: `POST /v1/chat/completions` (plain and SSE), `POST /v1/reports`, `POST /v1/explain`, `GET /v1/models`,
-`GET /health`, `GET /metrics`. Reports and explanations run synchronously in a worker thread on their
-own `Analyzer` (the same loaded weights, its own small KV pool), one at a time under a lock, so the
-engine thread's `LLMEngine` is never called from two threads.
+`GET /health`, `GET /metrics`, and with `ui=True` the web UI at `/ui` (`serve/webui.py`). Reports and
+explanations run synchronously in a worker thread on their own `Analyzer` (the same loaded weights, its
+own small KV pool), one at a time under a lock, so the engine thread's `LLMEngine` is never called from
+two threads.
 The model runs in the `AsyncLLMEngine`'s own thread; request handlers only await its outputs, so
 the event loop (and `/health`) never waits on a step. Images come as `data:` URLs (PNG, JPEG or
 `application/dicom`) and are read here, off the loop, with byte and pixel limits. Errors are
@@ -22,6 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -32,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medlava.analysis.vqa import Analyzer
+from medlava.analysis.vqa import Analyzer, AnswerStripper
 from medlava.chat.images import decode_data_url
 from medlava.chat.templates import get_template
 from medlava.engine.async_engine import AsyncLLMEngine
@@ -113,18 +115,46 @@ def _load_image(url: str, limits: _Limits):
     if mime not in IMAGE_MIMES:
         raise APIError(400, f"unsupported image type {mime[:60]!r}: send image/png, image/jpeg or "
                        "application/dicom", "unsupported_image_type")
-    approx = (len(url) - len(head) - 1) * 3 // 4
-    if approx > limits.max_image_bytes:
-        raise APIError(413, f"an image is about {approx} bytes, over the {limits.max_image_bytes}-byte "
-                       "per-image limit", "image_too_large")
+    check_image_size(len(url) - len(head) - 1, limits)
     try:
         data, _ = decode_data_url(url)
     except ValueError as e:
         raise APIError(400, str(e), "invalid_image_data") from None
+    return read_image(data, mime, limits)
+
+
+def check_image_size(base64_chars: int, limits: _Limits) -> None:
+    """413 for an image whose base64 text decodes to more than the per-image byte limit."""
+    approx = base64_chars * 3 // 4
+    if approx > limits.max_image_bytes:
+        raise APIError(413, f"an image is about {approx} bytes, over the {limits.max_image_bytes}-byte "
+                       "per-image limit", "image_too_large")
+
+
+def read_image(data: bytes, mime: str | None, limits: _Limits):
+    """Image bytes -> a `Study` within the pixel limit (runs in a worker thread); failures are APIErrors."""
     try:
         return load_study(data, mime=mime, max_pixels=limits.max_pixels)
     except (MedlavaError, ValueError, OSError) as e:
         raise APIError(400, f"could not read the image: {e}", "invalid_image") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes; beyond it an APIError 413."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > 8 * limit:
+        raise APIError(413, f"the request body is {declared} bytes, over the {limit}-byte limit",
+                       "request_too_large")
+    body, size = bytearray(), 0
+    async for chunk in request.stream():  # drained (up to 8x) so the client sees the reply
+        size += len(chunk)
+        if size > 8 * limit:
+            break
+        if size <= limit:
+            body += chunk
+    if size > limit:
+        raise APIError(413, f"the request body is over the {limit}-byte limit", "request_too_large")
+    return bytes(body)
 
 
 def _engine_messages(req: ChatCompletionRequest, limits: _Limits) -> tuple[list[dict], int]:
@@ -194,6 +224,7 @@ def create_app(
     shutdown_engine: bool = True,
     analyzer: Analyzer | None = None,
     analysis_kv_memory: int = DEFAULT_ANALYSIS_KV_MEMORY,
+    ui: bool = False,
 ) -> FastAPI:
     """The API over `engine`; `model_name` defaults to the model folder's name (`LoadedModel.name`).
 
@@ -201,6 +232,7 @@ def create_app(
     max_queue: requests in flight (queued or running) before new ones get 429.
     analyzer: what `/v1/reports` and `/v1/explain` run on; default a `SharedAnalyzer` on the
     engine's model with an `analysis_kv_memory`-byte KV pool of its own.
+    ui: also mount the Gradio web UI at `/ui` (`serve/webui.py`), on the same engine and analyzer.
     """
     lm = engine.engine.lm
     name = model_name or lm.name
@@ -212,6 +244,9 @@ def create_app(
     analyzer = analyzer or SharedAnalyzer(lm, kv_cache_memory=analysis_kv_memory)
     analysis_lock = asyncio.Lock()  # one analysis at a time (the Analyzer's engine is single-threaded)
     analyses = 0  # analyses admitted (waiting for the lock or running); they count against max_queue
+    # Images are decoded one at a time: every extra thread holding the GIL slows the event loop's
+    # replies (a burst of 32 DICOMs on the default pool held /health for 200+ ms).
+    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlava-images")
 
     registry = CollectorRegistry()
     registry.register(_EngineCollector(engine))
@@ -227,6 +262,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
+        readers.shutdown(wait=False, cancel_futures=True)
         if shutdown_engine:
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
@@ -279,25 +315,8 @@ def create_app(
         check_auth(request)
         return ModelList(data=[ModelCard(id=name, created=created)]).model_dump()
 
-    async def read_body(request: Request) -> bytes:
-        limit = limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > 8 * limit:
-            raise APIError(413, f"the request body is {declared} bytes, over the {limit}-byte limit",
-                           "request_too_large")
-        body, size = bytearray(), 0
-        async for chunk in request.stream():  # drained (up to 8x) so the client sees the reply
-            size += len(chunk)
-            if size > 8 * limit:
-                break
-            if size <= limit:
-                body += chunk
-        if size > limit:
-            raise APIError(413, f"the request body is over the {limit}-byte limit", "request_too_large")
-        return bytes(body)
-
     async def parse(request: Request, model_cls):
-        body = await read_body(request)
+        body = await read_body(request, limits.max_body_bytes)
         try:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -311,6 +330,12 @@ def create_app(
                            "model_not_found")
         return req, len(body)
 
+    def admit() -> None:
+        """429 once `max_queue` requests are in flight (being read, queued, running or analysing)."""
+        if pending + analyses + engine.num_unfinished() >= limits.max_queue:
+            raise APIError(429, f"the server is busy ({limits.max_queue} requests in flight): retry shortly",
+                           "queue_full", "rate_limit_error", headers={"Retry-After": "1"})
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         nonlocal pending
@@ -322,13 +347,11 @@ def create_app(
             if req.n != 1:
                 raise APIError(400, f"n must be 1 (got {req.n}): ask again for another answer", "unsupported_n")
             params = _params(req, template_stop)
-            if pending + analyses + engine.num_unfinished() >= limits.max_queue:
-                raise APIError(429, f"the server is busy ({limits.max_queue} requests in flight): retry shortly",
-                               "queue_full", "rate_limit_error", headers={"Retry-After": "1"})
+            admit()
             pending += 1
             try:
-                loop = asyncio.get_running_loop()
-                messages, n_images = await loop.run_in_executor(None, _engine_messages, req, limits)
+                messages, n_images = await asyncio.get_running_loop().run_in_executor(
+                    readers, _engine_messages, req, limits)
                 logger.info("%s: %d body bytes, %d message(s), %d image(s), max_tokens=%d, stream=%s",
                             rid, body_bytes, len(req.messages), n_images, params.max_tokens, req.stream)
                 gen = engine.generate(rid, params=params, messages=messages)
@@ -366,9 +389,7 @@ def create_app(
     async def analyse(rid: str, work, *args):
         """Run `work(*args)` in a worker thread, one analysis at a time; the loop stays free."""
         nonlocal analyses
-        if pending + analyses + engine.num_unfinished() >= limits.max_queue:
-            raise APIError(429, f"the server is busy ({limits.max_queue} requests in flight): retry shortly",
-                           "queue_full", "rate_limit_error", headers={"Retry-After": "1"})
+        admit()
         analyses += 1
         t0 = time.perf_counter()
         try:
@@ -435,6 +456,9 @@ def create_app(
             raise
         return JSONResponse(out, headers={"X-Request-Id": rid})
 
+    # The web UI takes the same paths: admission for chat on `engine`, `analyse` on `analyzer` for the rest.
+    app.state.admit, app.state.analyse, app.state.analyzer = admit, analyse, analyzer
+
     def _finish(rid: str, out: RequestOutput, t0: float) -> Usage:
         m = out.metrics
         n_prompt = m.prompt_tokens if m else len(out.prompt_token_ids)
@@ -466,15 +490,9 @@ def create_app(
         finished = False
         try:
             yield chunk(Delta(role="assistant", content=""))
-            out, started, held = first, False, ""
+            out, strip = first, AnswerStripper()  # the answer is stripped, as `Analyzer.ask` strips it
             while True:
-                # The answer is stripped, as `Analyzer.ask` strips it: leading whitespace is dropped and
-                # trailing whitespace held back until more text follows it.
-                text = held + (out.delta_text if started else out.delta_text.lstrip())
-                started = started or bool(text)
-                body = text.rstrip()
-                held = text[len(body):]
-                if body:
+                if body := strip.feed(out.delta_text):
                     yield chunk(Delta(content=body))
                 if out.finished:
                     finished = True
@@ -496,4 +514,8 @@ def create_app(
                 logger.info("%s: stream ended early (client gone); request aborted", rid)
             await gen.aclose()
 
+    if ui:
+        from medlava.serve.webui import mount_ui
+
+        mount_ui(app, api_keys=keys)
     return app

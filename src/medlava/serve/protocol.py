@@ -1,7 +1,9 @@
-"""Pydantic models of the OpenAI chat-completions wire format (the subset medlava serves)."""
+"""Pydantic models of the OpenAI chat-completions wire format (the subset medlava serves), and of
+LLaVA's controller/worker protocol (`serve/controller.py`, `serve/worker.py`)."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Literal
 
@@ -141,3 +143,50 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# -- LLaVA's controller/worker protocol (llava/serve/controller.py, model_worker.py) ----------------
+
+SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"  # llava/utils.py
+WORKER_HEART_BEAT_INTERVAL = 15.0  # seconds between a worker's heartbeats (llava/constants.py)
+CONTROLLER_HEART_BEAT_EXPIRATION = 30.0  # seconds without one before the controller drops the worker
+MAX_NEW_TOKENS = 1024  # LLaVA's worker caps max_new_tokens here
+
+# error_code in a stream frame: 0 ok; 1 the worker refused or failed the request (LLaVA: any exception
+# in generate_stream); 2 no worker serves the model; 3 the worker could not be reached or died mid-stream.
+OK, WORKER_ERROR, NO_WORKER, WORKER_UNREACHABLE = 0, 1, 2, 3
+
+
+def frame(text: str, error_code: int = OK) -> bytes:
+    """One stream frame: JSON then NUL, what LLaVA's clients split on (`iter_lines(delimiter=b"\\0")`)."""
+    return json.dumps({"text": text, "error_code": error_code}).encode() + b"\0"
+
+
+class WorkerStatus(_In):
+    model_names: list[str]
+    speed: float = Field(1.0, ge=0)
+    queue_length: int = Field(0, ge=0)
+
+
+class RegisterWorker(_In):
+    worker_name: str = Field(pattern=r"^https?://")  # the worker's base URL, e.g. http://127.0.0.1:21002
+    check_heart_beat: bool = True
+    worker_status: WorkerStatus | None = None  # None: the controller asks the worker
+
+
+class HeartBeat(_In):
+    worker_name: str
+    queue_length: int = Field(0, ge=0)
+
+
+class WorkerGenerateRequest(_In):
+    """`POST /worker_generate_stream`: an already rendered prompt with one `<image>` per image."""
+
+    model: str | None = None
+    prompt: str = Field(min_length=1)
+    images: list[str] | None = None  # base64 image bytes (LLaVA's Gradio sends PNG)
+    temperature: float = Field(1.0, ge=0, le=2)  # LLaVA's default; <= 0.001 is greedy, as LLaVA's worker
+    top_p: float = Field(1.0, ge=0, le=1)  # 0 keeps only the top token: greedy
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    stop: str | list[str] | None = None  # added to the template's own stop strings
+    ignore_eos: bool = False  # medlava's (and vLLM's) extra: generate max_new_tokens whatever the model says
