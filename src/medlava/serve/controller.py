@@ -58,6 +58,9 @@ DEFAULT_WORKER_TIMEOUT = 600.0  # seconds a worker may stay silent mid-request b
 FRAME_MEDIA_TYPE = "application/octet-stream"
 FORWARD_HEADERS = ("authorization", "content-type", "accept")  # what a /v1 request carries on to the worker
 REPLY_HEADERS = ("content-type", "x-request-id", "retry-after", "cache-control")  # and what comes back
+MID_STREAM_FAILURE = "data: {}\n\n".format(ErrorResponse(error=ErrorBody(
+    message="the worker serving this request failed mid-stream", type="server_error", code="worker_failed",
+)).model_dump_json()).encode()  # the SSE event that ends a /v1 stream whose worker died
 
 
 def resolve_expiration(value: float | None = None) -> float:
@@ -367,7 +370,7 @@ def create_controller_app(controller: Controller, *, max_body_bytes: int = DEFAU
                     await up.aclose()
                 controller.remove_worker(name, _failure(e) + " before the first frame", up.info if up else None)
                 continue
-            stream = relay_frames(name, up, first, frames)
+            stream = relay(name, up, first, frames, b"\0", frame(SERVER_ERROR_MSG, WORKER_UNREACHABLE))
             await anext(stream)  # enter its try: the worker's response is closed even if it is never iterated
             return StreamingResponse(stream, status_code=up.response.status_code, media_type=FRAME_MEDIA_TYPE)
         if not tried:
@@ -375,15 +378,18 @@ def create_controller_app(controller: Controller, *, max_body_bytes: int = DEFAU
             return Response(frame(SERVER_ERROR_MSG, NO_WORKER), status_code=404, media_type=FRAME_MEDIA_TYPE)
         return Response(frame(SERVER_ERROR_MSG, WORKER_UNREACHABLE), status_code=503, media_type=FRAME_MEDIA_TYPE)
 
-    async def relay_frames(name: str, up: Upstream, first: bytes, frames: AsyncIterator[bytes]):
+    async def relay(name: str, up: Upstream, first: bytes, pieces: AsyncIterator[bytes], sep: bytes,
+                    failure: bytes):
+        """The worker's stream piece by piece (LLaVA frames or SSE events, each ended by `sep`); a worker
+        that dies mid-stream is dropped and `failure` ends the stream instead of a hang."""
         try:
             yield b""
-            yield first + b"\0"
-            async for piece in frames:
-                yield piece + b"\0"
+            yield first + sep
+            async for piece in pieces:
+                yield piece + sep
         except (httpx.HTTPError, WorkerGone) as e:
             controller.remove_worker(name, _failure(e) + " mid-stream", up.info)
-            yield frame(SERVER_ERROR_MSG, WORKER_UNREACHABLE)
+            yield failure
         finally:
             await up.aclose()
 
@@ -417,7 +423,7 @@ def create_controller_app(controller: Controller, *, max_body_bytes: int = DEFAU
                     await up.aclose()
                 controller.remove_worker(name, _failure(e) + " before the first event", up.info if up else None)
                 continue
-            stream = relay_events(name, up, first, events)
+            stream = relay(name, up, first, events, b"\n\n", MID_STREAM_FAILURE)
             await anext(stream)
             return StreamingResponse(stream, status_code=up.response.status_code, headers=up.reply_headers())
         if not tried:
@@ -425,20 +431,6 @@ def create_controller_app(controller: Controller, *, max_body_bytes: int = DEFAU
                            f"{controller.list_models()}", "model_not_found")
         raise APIError(503, f"every worker of model {model[:100]!r} failed: retry shortly", "worker_unavailable",
                        "server_error")
-
-    async def relay_events(name: str, up: Upstream, first: bytes, events: AsyncIterator[bytes]):
-        try:
-            yield b""
-            yield first + b"\n\n"
-            async for event in events:
-                yield event + b"\n\n"
-        except (httpx.HTTPError, WorkerGone) as e:
-            controller.remove_worker(name, _failure(e) + " mid-stream", up.info)
-            err = ErrorResponse(error=ErrorBody(message="the worker serving this request failed mid-stream",
-                                                type="server_error", code="worker_failed"))
-            yield f"data: {err.model_dump_json()}\n\n".encode()
-        finally:
-            await up.aclose()
 
     @app.exception_handler(Exception)
     async def _internal_error(_request: Request, e: Exception):
