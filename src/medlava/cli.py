@@ -270,7 +270,8 @@ def serve(
     kv_cache_memory: KvMemoryOpt = None,
     ui: Annotated[bool, typer.Option("--ui", help="Also serve the web UI at /ui (Gradio, offline).")] = False,
 ) -> None:
-    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
+    """Serve the OpenAI-compatible API: /v1/chat/completions, /v1/reports, /v1/explain, /v1/models,
+    /health, /metrics, and with --ui the web UI at /ui."""
     import logging
 
     import uvicorn
