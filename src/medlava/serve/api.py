@@ -399,62 +399,55 @@ def create_app(
             analyses -= 1
             logger.info("%s: done in %.3fs", rid, time.perf_counter() - t0)
 
-    @app.post("/v1/reports")
-    async def reports(request: Request):
+    async def analysis_route(request: Request, prefix: str, model_cls, describe: str, work):
+        """The shape /v1/reports and /v1/explain share: auth, body, the image (on the reader thread),
+        then `work(req, study)` through `analyse`; refusals are logged by request id."""
         check_auth(request)
-        rid = f"report-{uuid.uuid4().hex}"
+        rid = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            req, size = await parse(request, ReportRequest)
-            study = await asyncio.to_thread(_load_image, req.image, limits)
-            logger.info("%s: %d body bytes, format=%s, grounding=%s", rid, size, req.format, req.grounding)
-            params = SamplingParams(max_tokens=req.max_tokens or 512)
-            grounding = None if req.grounding == "none" else req.grounding
-
-            def work():
-                try:
-                    report = analyzer.report(study, params, grounding=grounding)
-                except (ValueError, MedlavaError) as e:
-                    raise APIError(400, str(e), "invalid_prompt") from None
-                if req.format == "fhir":
-                    from medlava.analysis.fhir import report_bundle
-
-                    return json.loads(report_bundle(report).model_dump_json(exclude_none=True))
-                return report.model_dump()
-
-            out = await analyse(rid, work)
+            req, size = await parse(request, model_cls)
+            study = await asyncio.get_running_loop().run_in_executor(readers, _load_image, req.image, limits)
+            logger.info("%s: %d body bytes, %s", rid, size, describe.format(req=req))
+            out = await analyse(rid, work, req, study)
         except APIError as e:
             logger.info("%s: refused %d %s", rid, e.status, e.code)
             raise
         return JSONResponse(out, headers={"X-Request-Id": rid})
+
+    def draft_report(req: ReportRequest, study) -> dict:
+        params = SamplingParams(max_tokens=req.max_tokens or 512)
+        try:
+            report = analyzer.report(study, params, grounding=None if req.grounding == "none" else req.grounding)
+        except (ValueError, MedlavaError) as e:
+            raise APIError(400, str(e), "invalid_prompt") from None
+        if req.format == "fhir":
+            from medlava.analysis.fhir import report_bundle
+
+            return json.loads(report_bundle(report).model_dump_json(exclude_none=True))
+        return report.model_dump()
+
+    def show_evidence(req: ExplainRequest, study) -> dict:
+        from medlava.analysis.grounding import NothingToLocalize
+        from medlava.analysis.overlay import overlay_image
+
+        try:
+            ex = analyzer.explain(study, req.question, req.method)
+        except NothingToLocalize as e:
+            raise APIError(422, str(e), "nothing_to_localize") from None
+        except (ValueError, MedlavaError) as e:
+            raise APIError(400, str(e), "invalid_prompt") from None
+        buf = io.BytesIO()
+        overlay_image(ex.image, ex.heat, ex.peak, ex.box).save(buf, format="PNG")
+        return {**ex.to_dict(), "overlay": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+
+    @app.post("/v1/reports")
+    async def reports(request: Request):
+        return await analysis_route(request, "report", ReportRequest,
+                                    "format={req.format}, grounding={req.grounding}", draft_report)
 
     @app.post("/v1/explain")
     async def explain(request: Request):
-        check_auth(request)
-        rid = f"explain-{uuid.uuid4().hex}"
-        try:
-            req, size = await parse(request, ExplainRequest)
-            study = await asyncio.to_thread(_load_image, req.image, limits)
-            logger.info("%s: %d body bytes, method=%s", rid, size, req.method)
-
-            def work():
-                from medlava.analysis.grounding import NothingToLocalize
-                from medlava.analysis.overlay import overlay_image
-
-                try:
-                    ex = analyzer.explain(study, req.question, req.method)
-                except NothingToLocalize as e:
-                    raise APIError(422, str(e), "nothing_to_localize") from None
-                except (ValueError, MedlavaError) as e:
-                    raise APIError(400, str(e), "invalid_prompt") from None
-                buf = io.BytesIO()
-                overlay_image(ex.image, ex.heat, ex.peak, ex.box).save(buf, format="PNG")
-                return {**ex.to_dict(), "overlay": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
-
-            out = await analyse(rid, work)
-        except APIError as e:
-            logger.info("%s: refused %d %s", rid, e.status, e.code)
-            raise
-        return JSONResponse(out, headers={"X-Request-Id": rid})
+        return await analysis_route(request, "explain", ExplainRequest, "method={req.method}", show_evidence)
 
     # The web UI takes the same paths: admission for chat on `engine`, `analyse` on `analyzer` for the rest.
     app.state.admit, app.state.analyse, app.state.analyzer = admit, analyse, analyzer
