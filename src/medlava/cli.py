@@ -16,6 +16,13 @@ VisionTowerOpt = Annotated[
     Path | None, typer.Option("--vision-tower", help="Local CLIP folder for original LLaVA-Med checkpoints.")
 ]
 
+ConvOpt = Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")]
+WindowOpt = Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")]
+MaxTokensOpt = Annotated[int, typer.Option(min=1)]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0)]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0)]
+
 
 def parse_size(text: str) -> int:
     """'2GiB', '512M', '1073741824' -> bytes (K, M, G are binary units, with or without 'iB'/'B')."""
@@ -65,15 +72,13 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question about the image.")],
     model: ModelOpt = None,
     vision_tower: VisionTowerOpt = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
     seed: int | None = None,
-    window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
-    conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")
-    ] = None,
+    window: WindowOpt = None,
+    conv_mode: ConvOpt = None,
+    dtype: DtypeOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -109,13 +114,13 @@ def chat(
     url: Annotated[str | None, typer.Option(help="A running medlava server (http://HOST:PORT) instead of a local model.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="MEDLAVA_API_KEY", help="Bearer key for --url.")] = None,
     vision_tower: VisionTowerOpt = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
     seed: int | None = None,
-    window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
-    conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    window: WindowOpt = None,
+    conv_mode: ConvOpt = None,
+    dtype: DtypeOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
 ) -> None:
@@ -165,8 +170,8 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     model: ModelOpt = None,
     vision_tower: VisionTowerOpt = None,
-    window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    window: WindowOpt = None,
+    dtype: DtypeOpt = None,
     device: str = "cpu",
 ) -> None:
     """Answer QUESTION about IMAGE and show where the answer came from (peak, box, heatmap PNG)."""
@@ -204,8 +209,8 @@ def report(
     model: ModelOpt = None,
     vision_tower: VisionTowerOpt = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 512,
-    window: Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    window: WindowOpt = None,
+    dtype: DtypeOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
     grounding: GroundingOpt = "occlusion",
@@ -264,8 +269,8 @@ def serve(
     max_body_bytes: Annotated[
         int | None, typer.Option(parser=parse_size, metavar="SIZE", help="Request body limit (default 32MiB).")
     ] = None,
-    conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    conv_mode: ConvOpt = None,
+    dtype: DtypeOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
     ui: Annotated[bool, typer.Option("--ui", help="Also serve the web UI at /ui (Gradio, offline).")] = False,
@@ -347,8 +352,8 @@ def worker(
     api_key: Annotated[
         list[str] | None, typer.Option("--api-key", help="Require Authorization: Bearer KEY on /v1 (repeatable).")
     ] = None,
-    conv_mode: Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")] = None,
+    conv_mode: ConvOpt = None,
+    dtype: DtypeOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
 ) -> None:
@@ -454,7 +459,6 @@ WorldOpt = Annotated[Path, typer.Option("--world", help="A folder written by `me
 
 
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps (overrides --epochs).")]
-ConvOpt = Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")]
 
 
 def _run_stage(**settings) -> None:
