@@ -71,37 +71,32 @@ def start_server(app):
         sock.close()
 
 
-@pytest.fixture(scope="module")
-def server():
-    analyzer = Analyzer()
-    engine = AsyncLLMEngine(LLMEngine(analyzer.lm))
-    app = create_app(engine, api_keys=[KEY], max_body_bytes=MAX_BODY, max_image_bytes=MAX_IMAGE)
+@contextmanager
+def captured_logs():
+    """Every INFO line of medlava's and uvicorn's loggers while the block runs, as a `Capture`."""
     capture = Capture()
     loggers = [logging.getLogger(n) for n in ("medlava", "uvicorn", "uvicorn.error", "uvicorn.access")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.INFO)
     logging.getLogger().addHandler(capture)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if srv.started:
-            break
-        time.sleep(0.01)
-    assert srv.started
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
-    yield {"analyzer": analyzer, "engine": engine, "app": app, "port": port, "client": client,
-           "model": analyzer.lm.name, "logs": capture}
-    srv.should_exit = True
-    thread.join(10)
-    logging.getLogger().removeHandler(capture)
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
-    sock.close()
+    try:
+        yield capture
+    finally:
+        logging.getLogger().removeHandler(capture)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def server():
+    analyzer = Analyzer()
+    engine = AsyncLLMEngine(LLMEngine(analyzer.lm))
+    app = create_app(engine, api_keys=[KEY], max_body_bytes=MAX_BODY, max_image_bytes=MAX_IMAGE)
+    with captured_logs() as capture, start_server(app) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield {"analyzer": analyzer, "engine": engine, "app": app, "port": port, "client": client,
+               "model": analyzer.lm.name, "logs": capture}
 
 
 def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):

@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 import io
 import json
-import logging
 import os
 import shutil
 import socket
@@ -32,7 +31,7 @@ from medlava.engine.async_engine import AsyncLLMEngine
 from medlava.engine.llm_engine import LLMEngine
 from medlava.model.demo import DEMO_MODEL
 from medlava.serve.api import create_app
-from tests.test_serve import DICOM, PNG, Capture, data_url, start_server
+from tests.test_serve import DICOM, PNG, captured_logs, data_url, start_server
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the demo model is missing")
 
@@ -80,19 +79,8 @@ def _serve(outbound: list[str]):
     analyzer = Analyzer()
     engine = AsyncLLMEngine(LLMEngine(analyzer.lm))
     app = create_app(engine, ui=True)
-    capture = Capture()
-    loggers = [logging.getLogger(n) for n in ("medlava", "uvicorn", "uvicorn.error", "uvicorn.access")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.INFO)
-    logging.getLogger().addHandler(capture)
-    try:
-        with start_server(app) as port:
-            yield {"analyzer": analyzer, "app": app, "port": port, "logs": capture, "outbound": outbound}
-    finally:
-        logging.getLogger().removeHandler(capture)
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    with captured_logs() as capture, start_server(app) as port:
+        yield {"analyzer": analyzer, "app": app, "port": port, "logs": capture, "outbound": outbound}
 
 
 class EngineSpy:
