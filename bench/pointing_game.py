@@ -5,7 +5,7 @@ where the model answers yes, a hit is a map peak inside the ground-truth box gro
 (the original tolerance). The centre-of-image baseline points at the image centre. Boxes in
 studies.jsonl are on the displayed key image of `load_study`, the frame `explain` reports in.
 
-    python bench/pointing_game.py [--world DIR | --seed 777 --n 200] [--methods relevance occlusion]
+    python bench/pointing_game.py [--world DIR | --seed 777 --n 200] [--methods relevance occlusion] [--model DIR]
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ def inside(point, box, tol: float = TOLERANCE) -> bool:
     return x0 - tol <= x <= x1 + tol and y0 - tol <= y <= y1 + tol
 
 
-def run(world: Path, methods: list[str]) -> dict:
+def run(world: Path, methods: list[str], model: Path | None = None) -> dict:
     from medlava.analysis.grounding import NothingToLocalize, explain
     from medlava.analysis.vqa import Analyzer
     from medlava.imaging import load_study
     from medlava.train.phantoms.text import noun_phrase
 
-    analyzer = Analyzer()
+    analyzer = Analyzer(model)  # None: the shipped demo model
     items = []  # (modality, kind, study, question, box)
     for line in (world / "studies.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=777, help="world seed when --world is not given (training used 1)")
     ap.add_argument("--n", type=int, default=200, help="studies when --world is not given")
     ap.add_argument("--methods", nargs="+", default=["relevance", "occlusion"])
+    ap.add_argument("--model", type=Path, help="model folder (default: the shipped demo model)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
             world = Path(tmp)
             generate_world(world, n=args.n, seed=args.seed)
-        result = run(world, args.methods)
+        result = run(world, args.methods, args.model)
     print(table(result, ["x-ray", "ct", "mri", "all"]))
     kinds = [k for k in FINDING_KINDS if any(k in by for by in result["tally"].values())]
     print("\n" + table(result, kinds))

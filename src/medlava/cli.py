@@ -459,6 +459,12 @@ WorldOpt = Annotated[Path, typer.Option("--world", help="A folder written by `me
 
 
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps (overrides --epochs).")]
+JitterOpt = Annotated[
+    float,
+    typer.Option(
+        "--intensity-jitter", min=0.0, help="Scale each training image's intensities by up to 1 + this either way (0 = off)."
+    ),
+]
 
 
 def _run_stage(**settings) -> None:
@@ -489,6 +495,7 @@ def train_align(
     save_every: int = 0,
     seed: int = 0,
     conv_mode: ConvOpt = None,
+    intensity_jitter: JitterOpt = 0.0,
 ) -> None:
     """Stage 1: train the projector only, on caption pairs (feature alignment)."""
     _run_stage(stage="align", **locals())
@@ -515,6 +522,7 @@ def train_instruct(
     shuffle_turns: Annotated[
         bool, typer.Option(help="Reorder each conversation's Q/A pairs every epoch.")
     ] = False,
+    intensity_jitter: JitterOpt = 0.0,
 ) -> None:
     """Stage 2: train projector + decoder (or LoRA adapters) on instructions."""
     _run_stage(stage="instruct", **locals())
@@ -537,6 +545,7 @@ def train_vision_tower(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
+    intensity_jitter: JitterOpt = 0.0,
 ) -> None:
     """Stage 0 (demo model only): pretrain the vision tower on the world's labels."""
     from medlava.train.vision_pretrain import pretrain_vision
@@ -544,7 +553,8 @@ def train_vision_tower(
     if model is None:
         fail("--model is required: the folder whose vision tower to pretrain")
     metrics = run_guarded(
-        pretrain_vision, model, world, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed
+        pretrain_vision, model, world, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        intensity_jitter=intensity_jitter,
     )
     typer.echo("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"; wrote {out}")
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from medlava.chat.templates import get_template
 from medlava.model.convert import save_hf
 from medlava.model.loader import LoadedModel, load_model
+from medlava.train.augment import random_intensity
 from medlava.train.dataset import IGNORE, LlavaJsonDataset, collate
 from medlava.train.lora import add_lora, merge_lora
 
@@ -44,6 +45,7 @@ class TrainSettings:
     warmup_ratio: float = 0.03
     max_len: int = 512
     shuffle_turns: bool = False  # present each conversation's Q/A pairs in a new order every epoch
+    intensity_jitter: float = 0.0  # scale image intensities by up to 1 + this either way (train/augment.py)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the final model
     seed: int = 0
     conv_mode: str | None = None  # default: the model's own template
@@ -132,6 +134,9 @@ def train(s: TrainSettings) -> TrainResult:
                 data.epoch = index // per_epoch
                 order = batch_order(len(data), s.batch_size, s.seed, data.epoch)
                 batch = collate([data[i] for i in order[index % per_epoch]], pad_id)
+                batch["pixels"] = random_intensity(
+                    batch["pixels"], s.intensity_jitter, lm.image_processing, s.seed * 1_000_003 + index
+                )
                 loss, n = lm_loss(lm, batch)
                 (loss / s.grad_accum).backward()
                 step_loss += loss.item() / s.grad_accum

@@ -25,6 +25,7 @@ from medlava.chat.image_processing import ImageProcessing, box_to_input, preproc
 from medlava.imaging import load_study
 from medlava.model.convert import save_hf
 from medlava.model.loader import load_model
+from medlava.train.augment import random_intensity
 from medlava.train.phantoms import FINDING_KINDS
 
 MODALITIES = ("x-ray", "ct", "mri")
@@ -152,9 +153,13 @@ def pretrain_vision(
     lr: float = 1e-3,
     seed: int = 0,
     held_out: float = 0.1,
+    intensity_jitter: float = 0.0,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train the vision tower of `model` on the world in `world`; save the whole model to `out`."""
+    """Train the vision tower of `model` on the world in `world`; save the whole model to `out`.
+
+    intensity_jitter: scale each training image's intensities by up to 1 + jitter either way
+    (`train/augment.py`); 0 = off."""
     torch.manual_seed(seed)
     lm = load_model(model, dtype="float32")
     cfg = lm.config.vision
@@ -178,6 +183,7 @@ def pretrain_vision(
     for step in range(steps):
         idx = torch.randint(len(train_items), (batch_size,), generator=g).tolist()
         b = batch_of([train_items[i] for i in idx])
+        b["pixels"] = random_intensity(b["pixels"], intensity_jitter, lm.image_processing, seed * 1_000_003 + step)
         loss = world_loss(heads(_features(tower, b["pixels"], layer)), b)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
