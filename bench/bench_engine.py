@@ -8,12 +8,15 @@ tokens each), 64 output tokens per request (EOS ignored). For float32 and bfloat
   (a) HF `LlavaForConditionalGeneration.generate`, one request at a time (on a subset: slow)
   (b) HF `generate` in static batches of 16, left padded
   (c) medlava's `LLMEngine`, all requests submitted at once
+  (d) with `--peer vllm`: vLLM CPU's `LLM.generate` on the same token ids and images, all at once,
+      in its own virtual environment (bench/peers/, set up by bench/peers/setup_vllm.sh)
 
 Each (mode, dtype) runs in its own subprocess so peak RSS is its own. TTFT counts from when a
 request is handed over: each `generate` call in (a) and (b), the common submit time in (c).
 
     python bench/bench_engine.py            # full run, writes docs/BENCHMARKS.md
     python bench/bench_engine.py --quick    # a small smoke run, prints only
+    python bench/bench_engine.py --peer vllm   # adds mode (d)
 """
 
 from __future__ import annotations
@@ -35,9 +38,32 @@ from medlava.errors import MedlavaError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Peak rates of the 2-core reference machine (AMD EPYC Zen 4, AVX-512 BF16), used as rooflines.
-ROOFLINE_GFLOPS = {"bfloat16": 695.0, "float32": 163.0}
-ROOFLINE_DECODE_GBS = 17.0
+
+
+def measure_rooflines() -> dict:
+    """This machine's peak rates, measured at the start of the run (machines differ: AVX-512 or
+    AMX, memory bandwidth): matmul GFLOP/s per dtype (best of 2048^3 products) and the weight
+    streaming GB/s batch-1 decode can reach (best of a 256 MB read and a 128 MB bf16 GEMV)."""
+    import torch
+    import torch.nn.functional as F
+
+    def best(f, n: int = 5) -> float:
+        f()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    out = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        out[name] = 2 * 2048**3 / best(lambda: torch.mm(a, b)) / 1e9  # noqa: B023
+    x = torch.randn(64 << 20)
+    w, v = torch.randn(16384, 4096, dtype=torch.bfloat16), torch.randn(1, 4096, dtype=torch.bfloat16)
+    out["decode_gbs"] = max(x.nbytes / best(x.sum), w.nbytes / best(lambda: F.linear(v, w))) / 1e9
+    return out
 
 MODEL_DIMS = dict(
     text_model="mistral",
@@ -187,6 +213,30 @@ def prepared(folder: Path, n_images: int):
     reqs = [(inputs.prompt_ids(question), pixels[img]) for img, question in workload(n_images)]
     extras = [pixels[n_images], pixels[n_images + 1]]  # never in the workload: warm-up and batch-1 probe
     return inputs, reqs, extras
+
+
+def peer_inputs(folder: Path, n_images: int):
+    """For a peer that preprocesses images itself: each request's prompt ids and its image padded to
+    square as medlava pads it (the peer's CLIP resize and crop then give medlava's pixels), the
+    warm-up pair, and the image placeholder's id and count."""
+    from medlava.chat.image_processing import pad_to_square
+
+    inputs = Inputs(folder)
+    images = [pad_to_square(im.convert("RGB"), inputs.proc.mean) for im in make_images(n_images + 2)]
+    reqs = [(inputs.prompt_ids(question), images[img]) for img, question in workload(n_images)]
+    warmup = (reqs[0][0], images[n_images])
+    return reqs, warmup, inputs.config.image_token_id, inputs.config.image_tokens
+
+
+def worker_peer(folder: Path, dtype: str, n_images: int, out_tokens: int, peer: str) -> dict:
+    """Mode (d): the peer runs in its own process, started from here (bench/peers/)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    import vllm_peer
+
+    assert peer == "vllm", peer
+    reqs, warmup, image_id, image_tokens = peer_inputs(folder, n_images)
+    result = vllm_peer.run(folder, dtype, reqs, warmup, out_tokens, image_tokens, image_id)
+    return result | {"settings": vllm_peer.settings_line(result)}
 
 
 def summary(ttfts: list[float], wall: float, n_req: int, out_tokens: int) -> dict:
@@ -391,15 +441,23 @@ def run_benchmark(
     rounds: int | None = None,
     budget_s: float = 9 * 60,
     doc: str | Path = ROOT / "docs" / "BENCHMARKS.md",
+    peer: str | None = None,
     log=print,
 ) -> dict:
     """Run the benchmark; returns {dtype: {mode: results}}.
 
     Writes the doc only for the documented configuration (full workload, both dtypes, the
-    engine's default block size) unless `write` says otherwise.
+    engine's default block size) unless `write` says otherwise. `peer="vllm"` adds mode (d).
     """
     if block_size < 1:
         raise MedlavaError(f"--block-size must be at least 1, got {block_size}")
+    if peer not in (None, "vllm"):
+        raise MedlavaError(f"--peer must be vllm, got {peer}")
+    if peer:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+        import vllm_peer
+
+        vllm_peer.check()  # before the first mode runs, not after ten minutes
     n_images = 4 if quick else 16
     out_tokens = 16 if quick else 64
     subset = 2 if quick else 8
@@ -408,13 +466,15 @@ def run_benchmark(
     log(f"model: {folder} (building if absent)")
     build_model(folder)
     results: dict = {dtype: {} for dtype in dtypes}
-    runs: dict = {(dtype, key): [] for dtype in dtypes for key in "abc"}
+    modes = "abcd" if peer else "abc"
+    runs: dict = {(dtype, key): [] for dtype in dtypes for key in modes}
     started = time.perf_counter()
     common = dict(folder=str(folder), n_images=n_images, out_tokens=out_tokens)
     plan = {
         "a": dict(mode="a", subset=subset, batch=1),
         "b": dict(mode="b", subset=0, batch=16),
         "c": dict(mode="c", max_batched=max_batched, block_size=block_size),
+        "d": dict(mode="d", peer=peer),
     }
     # The machine's speed drifts (other tenants, memory bandwidth): every mode runs once per
     # round, rounds interleave the modes, and each mode keeps its best run. A run that shared
@@ -424,7 +484,8 @@ def run_benchmark(
             log(f"time budget spent: {round_} round(s)")
             break
         for dtype in dtypes:
-            for key, extra in plan.items():
+            for key in modes:
+                extra = plan[key]
                 t0 = time.perf_counter()
                 r = _spawn(common | extra | {"dtype": dtype}, timeout=1800)
                 runs[dtype, key].append(r)
@@ -435,7 +496,7 @@ def run_benchmark(
     for (dtype, key), rs in runs.items():
         quiet = [r for r in rs if r["background_cpus"] < 0.2] or [min(rs, key=lambda r: r["background_cpus"])]
         results[dtype][key] = max(quiet, key=lambda r: r["tok_per_s"]) | {"runs": len(rs)}
-    table = format_table(results, n_images * 4, out_tokens, subset, quick, block_size)
+    table = format_table(results, n_images * 4, out_tokens, subset, quick, block_size, measure_rooflines())
     log(table)
     documented = not quick and set(dtypes) == {"float32", "bfloat16"} and block_size == 16
     if documented if write is None else write:
@@ -446,23 +507,27 @@ def run_benchmark(
     return results
 
 
-TARGETS = {"c/a": 8.0, "c/b": 2.0, "follow-up": 0.30}
+TARGETS = {"c/a": 8.0, "c/b": 3.0, "follow-up": 0.20, "c/d": 1.0, "batch-1": 0.60}
 
 
 def format_table(
-    results: dict, n_req: int, out_tokens: int, subset: int, quick: bool = False, block_size: int = 16
+    results: dict, n_req: int, out_tokens: int, subset: int, quick: bool = False, block_size: int = 16,
+    rooflines: dict | None = None,
 ) -> str:
+    """The results as Markdown; `rooflines` from measure_rooflines() (measured if not given)."""
+    rooflines = rooflines or measure_rooflines()
     names = {
         "a": f"(a) HF generate, one at a time (first {subset} of {n_req})",
         "b": "(b) HF generate, static batches of 16",
         "c": "(c) medlava engine, all at once",
+        "d": "(d) vLLM CPU, all at once",
     }
     lines = [
         "| dtype | mode | requests | output tok/s | requests/s | TTFT p50 (s) | TTFT p90 (s) | peak RSS (MB) | background CPUs |",
         "|" + "---|" * 9,
     ]
     for dtype, modes in results.items():
-        for key in ("a", "b", "c"):
+        for key in [k for k in "abcd" if k in modes]:
             r = modes[key]
             lines.append(
                 f"| {dtype} | {names[key]} | {r['requests']} | {r['tok_per_s']:.1f} | {r['req_per_s']:.3f} | "
@@ -477,15 +542,17 @@ def format_table(
     checks = []
     for dtype, modes in results.items():
         a, b, c = modes["a"], modes["b"], modes["c"]
-        roof = ROOFLINE_GFLOPS[dtype]
+        roof, roof_gbs = rooflines[dtype], rooflines["decode_gbs"]
         ca, cb = c["tok_per_s"] / a["tok_per_s"], c["tok_per_s"] / b["tok_per_s"]
         fu = c["follow_up_ttft_s"] / c["first_ttft_s"]
+        b1 = c["b1_decode_gbs"] / roof_gbs
+        cd = c["tok_per_s"] / modes["d"]["tok_per_s"] if "d" in modes else None
         lines.append(
             f"| {dtype} | {ca:.1f}x | {cb:.1f}x | "
             f"{c['prefill_gflops']:.0f} ({100 * c['prefill_gflops'] / roof:.0f} % of {roof:.0f}) | "
             f"{c['decode_gflops']:.0f} ({100 * c['decode_gflops'] / roof:.0f} % of {roof:.0f}) | "
             f"{c['b1_decode_tok_per_s']:.1f}, {c['b1_decode_gbs']:.1f} "
-            f"({100 * c['b1_decode_gbs'] / ROOFLINE_DECODE_GBS:.0f} % of {ROOFLINE_DECODE_GBS:.0f}) | "
+            f"({100 * c['b1_decode_gbs'] / roof_gbs:.0f} % of {roof_gbs:.0f}) | "
             f"{c['follow_up_ttft_s']:.3f} s / {c['first_ttft_s']:.3f} s = {100 * fu:.0f} % | "
             f"{100 * c['prefix_hit_rate']:.0f} % | {100 * c['vision_hit_rate']:.0f} % |"
         )
@@ -494,9 +561,23 @@ def format_table(
             f"- {dtype}: c/a {ca:.1f}x (target >= {TARGETS['c/a']:.0f}x: {ok(ca >= TARGETS['c/a'])}), "
             f"c/b {cb:.1f}x (>= {TARGETS['c/b']:.0f}x: {ok(cb >= TARGETS['c/b'])}), "
             f"follow-up TTFT {100 * fu:.0f} % of the first (<= {100 * TARGETS['follow-up']:.0f} %: "
-            f"{ok(fu <= TARGETS['follow-up'])})"
+            f"{ok(fu <= TARGETS['follow-up'])}), batch-1 decode {100 * b1:.0f} % of the weight-streaming "
+            f"roofline (>= {100 * TARGETS['batch-1']:.0f} %: {ok(b1 >= TARGETS['batch-1'])})"
+            + (f", c/d {cd:.2f}x (>= {TARGETS['c/d']:.1f}x: {ok(cd >= TARGETS['c/d'])})" if "d" in modes else "")
         )
     lines += ["", f"Engine: {block_size}-token KV blocks, prefix caching on, {out_tokens} output tokens per request."]
+    peer = {dtype: modes["d"] for dtype, modes in results.items() if "d" in modes}
+    if peer:
+        lines += ["", "| dtype | c/d tok/s | c/d requests/s | TTFT p50 (c) / (d) | prefix-cache hit (d) | vLLM settings |",
+                  "|" + "---|" * 6]
+        for dtype, d in peer.items():
+            c = results[dtype]["c"]
+            lines.append(
+                f"| {dtype} | {c['tok_per_s'] / d['tok_per_s']:.2f}x | {c['req_per_s'] / d['req_per_s']:.2f}x | "
+                f"{c['ttft_p50_s']:.2f} s / {d['ttft_p50_s']:.2f} s | {100 * d['prefix_hit_rate']:.0f} % | {d['settings']} |"
+            )
+        lines += ["", "(d)'s peak RSS adds up vLLM's processes (front end, engine core, worker); its prompts "
+                  "were checked to be medlava's ids with 196 image tokens."]
     if quick:
         return "\n".join(lines + ["", "(--quick: a small workload; the targets apply to the full run)"])
     return "\n".join(lines + ["", "Targets:", "", *checks])
@@ -545,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", help="where the benchmark model is (built there if absent)")
     parser.add_argument("--rounds", type=int, help="runs per mode, interleaved; the best counts (default 2, quick 1)")
     parser.add_argument("--block-size", type=int, default=16, help="the engine's KV block size (default 16)")
+    parser.add_argument("--peer", choices=["vllm"], help="add mode (d): vLLM CPU (bash bench/peers/setup_vllm.sh first)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -554,13 +636,15 @@ def main(argv: list[str] | None = None) -> None:
             res = worker_engine(
                 folder, w["dtype"], w["n_images"], w["out_tokens"], w["max_batched"], w["block_size"]
             )
+        elif w["mode"] == "d":
+            res = worker_peer(folder, w["dtype"], w["n_images"], w["out_tokens"], w["peer"])
         else:
             res = worker_hf(folder, w["dtype"], w["mode"], w["n_images"], w["out_tokens"], w["subset"], w["batch"])
         print(json.dumps(res))
         return
     run_benchmark(
         args.quick, dtypes=tuple(args.dtype or ("float32", "bfloat16")), model_dir=args.model_dir, rounds=args.rounds,
-        block_size=args.block_size,
+        block_size=args.block_size, peer=args.peer,
     )
 
 

@@ -52,6 +52,7 @@ def test_ask_plain_text_and_window(model_dir):
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--conv-mode", "x"], "unknown conversation"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--device", "tpu"], "unknown device"),
         (["bench", "--dtype", "float16"], "--dtype must be float32 or bfloat16"),
+        (["bench", "--peer", "sglang"], "--peer must be vllm"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--kv-cache-memory", "1K"],
          "holds no KV block"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--kv-cache-memory", "64K"],

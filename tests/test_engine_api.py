@@ -215,6 +215,25 @@ def test_few_row_linear_matches_nn_linear():
         assert layer(x).shape == (1, rows, 80) and layer(x).is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linear_is_bit_identical_and_leaves_autograd_alone(dtype):
+    from medlava.model.decoder import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 160, bias=False).to(dtype)
+    layer.pack()
+    if layer.packed is None:
+        pytest.skip("this torch has no oneDNN/MKL CPU GEMM")
+    with torch.inference_mode():
+        for rows in (1, 3, 64, 300):
+            x = torch.randn(1, rows, 96, dtype=dtype)
+            y = layer(x)
+            assert y.shape == (1, rows, 160) and torch.equal(y, torch.nn.functional.linear(x, layer.weight))
+    x = torch.randn(4, 96, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()  # with autograd on, the dense weight is used and gets its gradient
+    assert layer.weight.grad is not None and x.grad is not None
+
+
 def test_analyzer_answers_a_worklist_on_the_engine_as_the_reference_loop_does(model_dir):
     from medlava.analysis.inputs import prepare
     from medlava.analysis.vqa import Analyzer

@@ -428,6 +428,9 @@ def bench(
     ] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Interleaved runs per mode; the best counts.")] = None,
     block_size: Annotated[int, typer.Option(min=1, help="The engine's KV block size in tokens.")] = 16,
+    peer: Annotated[
+        str | None, typer.Option("--peer", help="Add a peer engine as mode (d): vllm (bash bench/peers/setup_vllm.sh first).")
+    ] = None,
 ) -> None:
     """Engine throughput against Hugging Face generate (bench/bench_engine.py); the full run updates docs/BENCHMARKS.md."""
     import importlib.util
@@ -436,13 +439,17 @@ def bench(
     bad = sorted(set(dtypes) - {"float32", "bfloat16"})
     if bad:
         fail(f"--dtype must be float32 or bfloat16, got {', '.join(bad)}")
+    if peer not in (None, "vllm"):
+        fail(f"--peer must be vllm, got {peer}")
     script = BENCH_DIR / "bench_engine.py"
     if not script.is_file():
         fail(f"{script} not found: benchmarks run from a source checkout (git clone, then pip install -e .)")
     spec = importlib.util.spec_from_file_location("medlava_bench_engine", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    run_guarded(module.run_benchmark, quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size)
+    run_guarded(
+        module.run_benchmark, quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size, peer=peer
+    )
 
 
 train_app = typer.Typer(

@@ -16,6 +16,7 @@ from medlava.engine.image_cache import VisionCache
 from medlava.engine.paged_attention import KVCachePool, PagedAttention, PrefillSeq, StepContext
 from medlava.engine.sampling import sample_batch
 from medlava.engine.sequence import Sequence
+from medlava.model.decoder import Linear
 from medlava.model.llava import LlavaModel
 
 
@@ -48,6 +49,9 @@ class ModelRunner:
     ):
         cfg = model.config
         self.model = model
+        for module in model.modules():  # the CPU GEMM library's weight layout, for inference (decoder.Linear)
+            if isinstance(module, Linear):
+                module.pack()
         self.device = model.device
         self.block_size = block_size
         self.pool = KVCachePool(cfg.text, num_blocks, block_size, model.dtype, model.device)
