@@ -507,6 +507,24 @@ def run_benchmark(
     return results
 
 
+MODE_NAMES = {"a": "hf_one", "b": "hf_static", "c": "medlava", "d": "vllm"}  # in --json rows
+
+
+def json_rows(results: dict) -> list[dict]:
+    """One row per (dtype, mode) for other tools (`medlava bench --json`)."""
+    rows = []
+    for dtype, modes in results.items():
+        for key, r in modes.items():
+            follow_up = r["follow_up_ttft_s"] / r["first_ttft_s"] if "follow_up_ttft_s" in r else None
+            rows.append({
+                "mode": MODE_NAMES[key], "dtype": dtype, "quantization": None, "requests": r["requests"],
+                "tok_per_s": r["tok_per_s"], "req_per_s": r["req_per_s"], "ttft_p50_s": r.get("ttft_p50_s"),
+                "ttft_p90_s": r.get("ttft_p90_s"), "follow_up_ttft_ratio": follow_up, "peak_rss_mb": r["peak_rss_mb"],
+                "background_cpus": r["background_cpus"],
+            })
+    return rows
+
+
 TARGETS = {"c/a": 8.0, "c/b": 3.0, "follow-up": 0.20, "c/d": 1.0, "batch-1": 0.60}
 
 
@@ -627,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="runs per mode, interleaved; the best counts (default 2, quick 1)")
     parser.add_argument("--block-size", type=int, default=16, help="the engine's KV block size (default 16)")
     parser.add_argument("--peer", choices=["vllm"], help="add mode (d): vLLM CPU (bash bench/peers/setup_vllm.sh first)")
+    parser.add_argument("--json", action="store_true", help="print every row as JSON on stdout (the log goes to stderr)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -642,10 +661,13 @@ def main(argv: list[str] | None = None) -> None:
             res = worker_hf(folder, w["dtype"], w["mode"], w["n_images"], w["out_tokens"], w["subset"], w["batch"])
         print(json.dumps(res))
         return
-    run_benchmark(
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    results = run_benchmark(
         args.quick, dtypes=tuple(args.dtype or ("float32", "bfloat16")), model_dir=args.model_dir, rounds=args.rounds,
-        block_size=args.block_size, peer=args.peer,
+        block_size=args.block_size, peer=args.peer, log=log,
     )
+    if args.json:
+        print(json.dumps(json_rows(results), indent=1))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,17 @@ def test_every_documented_command_is_there():
 
 
 @pytest.mark.slow
-def test_bench_quick_prints_the_table(tmp_path):
+def test_bench_quick_prints_the_table_and_json_rows(tmp_path):
     result = invoke("bench", "--quick", "--dtype", "float32", "--model-dir", tmp_path / "model")
     assert result.exit_code == 0, result.output
     assert "(c) medlava engine, all at once" in result.stdout and "follow-up TTFT / first" in result.stdout
+
+    result = invoke("bench", "--quick", "--dtype", "float32", "--model-dir", tmp_path / "model", "--json")
+    assert result.exit_code == 0, result.output
+    assert "(c) medlava engine, all at once" in result.stderr  # the log, apart from the rows
+    rows = json.loads(result.stdout)
+    assert [(r["mode"], r["dtype"]) for r in rows] == [("hf_one", "float32"), ("hf_static", "float32"),
+                                                       ("medlava", "float32")]
+    medlava = rows[2]
+    assert medlava["tok_per_s"] > 0 and medlava["peak_rss_mb"] > 0 and 0 < medlava["follow_up_ttft_ratio"] < 1
+    assert all(r["quantization"] is None and r["ttft_p50_s"] > 0 for r in rows)

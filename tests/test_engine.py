@@ -102,8 +102,20 @@ MIXED = [
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix-cache", "no-cache"])
 @pytest.mark.parametrize("pool", ["roomy", "tight"])
 @pytest.mark.parametrize("which", ["llama", "mistral_sw"])
-def test_greedy_matches_reference(request, which, pool, caching):
+def test_greedy_matches_reference(request, monkeypatch, which, pool, caching):
+    import medlava.engine.model_runner as runner_module
+
     lm = request.getfixturevalue(which)
+    # Decode attends over shared prefixes (r0, r2 and r5 share an image) from one block on.
+    monkeypatch.setattr("medlava.engine.paged_attention.MIN_SHARED_TOKENS", 4)
+    shared, plan = [], runner_module.shared_prefixes
+
+    def spy(*args):
+        groups = plan(*args)
+        shared.extend(groups)
+        return groups
+
+    monkeypatch.setattr(runner_module, "shared_prefixes", spy)
     images = images_for(lm)
     expected = {f"r{i}": reference(lm, r, images) for i, r in enumerate(MIXED)}
     prompt_len = [len(prompt_ids(lm, r.question, len(r.images))) for r in MIXED]
@@ -125,6 +137,7 @@ def test_greedy_matches_reference(request, which, pool, caching):
         assert m.preemptions > 0
     if caching:
         assert m.cached_prompt_tokens > 0  # r2 and r5 share r0's image
+        assert shared or which == "mistral_sw"  # its window (12) is shorter than every prompt
     else:
         assert m.cached_prompt_tokens == 0
     assert engine.block_manager.all_free() and m.kv_blocks_used == 0 and m.running == m.waiting == 0

@@ -228,3 +228,18 @@ def test_engine_keeps_freed_memory_with_glibc():
     from medlava.engine.host_memory import keep_freed_memory
 
     assert keep_freed_memory() is True and keep_freed_memory() is True  # once, then a no-op
+
+
+def test_shared_prefixes_group_decode_sequences_by_their_common_full_blocks(monkeypatch):
+    from medlava.engine import paged_attention
+    from medlava.engine.paged_attention import shared_prefixes
+
+    monkeypatch.setattr(paged_attention, "MIN_SHARED_TOKENS", 8)
+    tables = [[7, 8, 9, 20], [7, 8, 9, 21], [7, 8, 22], [3, 4, 5], [7, 8, 9, 23], [30, 31]]
+    lengths = [15, 16, 12, 10, 13, 8]
+    # Sequences 0, 1, 2 and 4 start with blocks 7, 8; block 9 is not in 2's table. 3 and 5 are alone.
+    assert shared_prefixes(tables, lengths, 4) == [(2, [0, 1, 2, 4])]
+    # A block holding a sequence's newest token is never shared: 2's newest (position 8) is in block 22,
+    # 0's would be in block 9 at length 9, which caps the group at its first two blocks as well.
+    assert shared_prefixes([[7, 8, 9], [7, 8, 9, 4]], [9, 16], 4) == [(2, [0, 1])]
+    assert shared_prefixes([[7, 8, 9], [7, 8, 9, 4]], [5, 16], 4) == []  # one block: under 8 tokens

@@ -431,6 +431,9 @@ def bench(
     peer: Annotated[
         str | None, typer.Option("--peer", help="Add a peer engine as mode (d): vllm (bash bench/peers/setup_vllm.sh first).")
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print every row as JSON on stdout (the progress log goes to stderr).")
+    ] = False,
 ) -> None:
     """Engine throughput against Hugging Face generate (bench/bench_engine.py); the full run updates docs/BENCHMARKS.md."""
     import importlib.util
@@ -447,9 +450,13 @@ def bench(
     spec = importlib.util.spec_from_file_location("medlava_bench_engine", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    run_guarded(
-        module.run_benchmark, quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size, peer=peer
+    log = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
+    results = run_guarded(
+        module.run_benchmark, quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size, peer=peer,
+        log=log,
     )
+    if as_json:
+        typer.echo(json.dumps(module.json_rows(results), indent=1))
 
 
 train_app = typer.Typer(

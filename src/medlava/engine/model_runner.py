@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from medlava.engine.image_cache import VisionCache
-from medlava.engine.paged_attention import KVCachePool, PagedAttention, PrefillSeq, StepContext
+from medlava.engine.paged_attention import (
+    KVCachePool,
+    PagedAttention,
+    PrefillSeq,
+    SharedPrefixes,
+    StepContext,
+    shared_prefixes,
+)
 from medlava.engine.sampling import sample_batch
 from medlava.engine.sequence import Sequence
 from medlava.model.decoder import Linear
@@ -142,15 +149,24 @@ class ModelRunner:
     def _prepare_decode(self, seqs: list[Sequence]):
         bs = self.block_size
         b = len(seqs)
-        width = max(len(s.block_table) for s in seqs)
-        table = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         lens = [len(s) for s in seqs]
         positions = [n - 1 for n in lens]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
+        # A sliding window that cuts into a context masks by absolute position: no shared prefixes then.
+        windowed = self.window is not None and max(lens) > self.window
+        cascade = not windowed and self.device.type == "cpu"
+        groups = shared_prefixes([s.block_table for s in seqs], lens, bs) if cascade else []
+        skip = [0] * b  # leading blocks a sequence attends over with its group
+        for n, members in groups:
+            for i in members:
+                skip[i] = n
+        own = [s.block_table[k:] for s, k in zip(seqs, skip, strict=True)]
+        width = max(len(t) for t in own)
+        table = [t + [0] * (width - len(t)) for t in own]
         ctx_lens = self._tensor(lens)
         k_pos = torch.arange(width * bs, device=self.device)
-        mask = k_pos[None, :] < ctx_lens[:, None]
-        if self.window is not None:
+        mask = k_pos[None, :] < (ctx_lens - self._tensor(skip) * bs)[:, None]
+        if windowed:
             mask &= k_pos[None, :] > (ctx_lens - 1 - self.window)[:, None]
             self.stats.decode_attn_pairs += sum(min(n, self.window) for n in lens)
         else:
@@ -161,10 +177,21 @@ class ModelRunner:
             block_ids=self._tensor(table).flatten(),
             mask=mask[:, None, None, :],
             batch=b,
+            shared=self._shared(seqs, groups) if groups else None,
         )
         ids = self._tensor([[s.last_token for s in seqs]])
         no_images = torch.zeros(1, b, dtype=torch.bool, device=self.device)  # generated ids are never placeholders
         return ids, self._tensor([positions]), None, None, no_images, ctx
+
+    def _shared(self, seqs: list[Sequence], groups: list[tuple[int, list[int]]]) -> SharedPrefixes:
+        width = max(n for n, _ in groups)
+        table = [seqs[members[0]].block_table[:n] + [0] * (width - n) for n, members in groups]
+        k_pos = torch.arange(width * self.block_size, device=self.device)
+        mask = k_pos[None, :] < self._tensor([n * self.block_size for n, _ in groups])[:, None]
+        where = [(g, m, i) for g, (_, members) in enumerate(groups) for m, i in enumerate(members)]
+        group, member, seq = (self._tensor(list(col)) for col in zip(*where, strict=True))
+        members = max(len(m) for _, m in groups)
+        return SharedPrefixes(self._tensor(table).flatten(), mask[:, None, None, :], group, member, seq, members)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], plan: list[PrefillSeq]) -> None:
         """Log-probability of each prompt token given the ones before it, for sequences that asked.

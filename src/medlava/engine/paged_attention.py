@@ -5,9 +5,11 @@ backend first writes each new token's K/V into its slot (block id * block_size +
 attends each query causally over its own sequence's cached K/V, found through its block table:
 
 - decode (one new token per sequence): all sequences at once, K/V gathered into a padded
-  [B, L] buffer with a length mask, one `scaled_dot_product_attention` call (on CPU, in
-  groups of sequences whose gathered K/V fits in cache, so the copy is read back from cache
-  rather than memory);
+  [B, L] buffer with a length mask, one flash-attention call (on CPU, in groups of sequences
+  whose gathered K/V fits in cache, so the copy is read back from cache rather than memory).
+  Sequences that share their first KV blocks (questions about one image) attend over those
+  blocks together, reading them once, and over the rest of their own; the two parts are merged
+  by their log-sum-exps (cascade attention: the same softmax, summed in two pieces);
 - prefill: sequence by sequence; a sequence with no cached prefix attends over its own fresh
   K/V exactly as `decoder.attend` does, one with a cache hit over its gathered context.
 
@@ -16,6 +18,7 @@ Sliding windows (Mistral) are masked as `decoder.attend` masks them.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -68,14 +71,51 @@ class PrefillSeq:
     block_table: torch.Tensor | None  # [n_blocks] when it has a cached prefix, else None
 
 
+MIN_SHARED_TOKENS = 32  # a shorter shared prefix is not worth its own attention call
+
+
+def shared_prefixes(tables: list[list[int]], lengths: list[int], block_size: int) -> list[tuple[int, list[int]]]:
+    """Groups of decode sequences whose block tables start with the same blocks, as
+    (shared blocks, sequence indices). Only full blocks before each one's newest token count
+    (the newest token's K/V is written this step); groups share at least MIN_SHARED_TOKENS."""
+    by_first = defaultdict(list)
+    for i, table in enumerate(tables):
+        by_first[table[0]].append(i)
+    groups = []
+    for members in by_first.values():
+        if len(members) < 2:
+            continue
+        first = tables[members[0]]
+        limit = min((lengths[i] - 1) // block_size for i in members)
+        n = 0
+        while n < limit and all(tables[i][n] == first[n] for i in members):
+            n += 1
+        if n * block_size >= MIN_SHARED_TOKENS:
+            groups.append((n, members))
+    return groups
+
+
+@dataclass
+class SharedPrefixes:
+    """Decode sequences attending over shared leading blocks together (see `shared_prefixes`)."""
+
+    block_ids: torch.Tensor  # [G * max_blocks] each group's shared blocks, padded, flattened
+    mask: torch.Tensor  # [G, 1, 1, max_blocks * block_size] True = a shared slot of that group
+    group: torch.Tensor  # [S] the group of each sequence that has one
+    member: torch.Tensor  # [S] its place in the group
+    seq: torch.Tensor  # [S] its place in the batch
+    members: int  # the largest group's size
+
+
 @dataclass
 class StepContext:
     slot_mapping: torch.Tensor  # [T] slot of each packed token
     prefill: list[PrefillSeq] | None = None
-    # decode only
+    # decode only; with `shared`, block_ids and mask cover each sequence's blocks after its shared ones
     block_ids: torch.Tensor | None = None  # [B * max_blocks] padded block tables, flattened
     mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend
     batch: int = 0
+    shared: SharedPrefixes | None = None
 
 
 class PagedAttention:
@@ -129,22 +169,57 @@ class PagedAttention:
         ctx = self.ctx
         b, h = ctx.batch, self.num_heads
         kh, hd = self.pool.kv_heads, self.pool.head_dim
-        width = ctx.block_ids.shape[0] // b  # blocks per (padded) sequence
+        rows = h // kh
         # Grouped-query attention without repeating K/V: the H/KVH query heads sharing a KV head
         # become that head's "queries" (all at the same position, so the same mask row).
-        qg = q[0].transpose(0, 1).reshape(b, kh, h // kh, hd)
+        qg = q[0].transpose(0, 1).reshape(b, kh, rows, hd)
+        out, lse = self._paged(qg, k_pool, v_pool, ctx.block_ids, ctx.mask)
+        sp = ctx.shared
+        if sp is not None:  # the shared blocks, once per group, with all its members' queries
+            n_groups = sp.mask.shape[0]
+            qs = qg.new_zeros(n_groups, sp.members, kh, rows, hd)
+            qs[sp.group, sp.member] = qg[sp.seq]
+            qs = qs.transpose(1, 2).reshape(n_groups, kh, sp.members * rows, hd)
+            o_s, lse_s = self._paged(qs, k_pool, v_pool, sp.block_ids, sp.mask)
+            o_s = o_s.view(n_groups, kh, sp.members, rows, hd).transpose(1, 2)[sp.group, sp.member]
+            lse_s = lse_s.view(n_groups, kh, sp.members, rows).transpose(1, 2)[sp.group, sp.member]
+            o_own, lse_own = out[sp.seq], lse[sp.seq]
+            top = torch.maximum(lse_s, lse_own)
+            w_s, w_own = (lse_s - top).exp().unsqueeze(-1), (lse_own - top).exp().unsqueeze(-1)
+            out[sp.seq] = ((o_s.float() * w_s + o_own.float() * w_own) / (w_s + w_own)).to(out.dtype)
+        return out.reshape(b, h, hd).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
+
+    def _paged(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q [n, KVH, rows, D] over the blocks of each of the n block tables
+        (block_ids [n * width]), masked by mask [n, 1, 1, width * block_size]; returns the output
+        [n, KVH, rows, D] and its log-sum-exp [n, KVH, rows] (float32; None off the CPU)."""
+        n = q.shape[0]
+        kh, hd = self.pool.kv_heads, self.pool.head_dim
+        width = block_ids.shape[0] // n  # blocks per (padded) table
+        if mask.dtype == torch.bool:  # the flash kernel takes an additive mask
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         per_seq = 2 * k_pool[0].nbytes * width
-        group = max(1, min(b, self.decode_chunk_bytes // per_seq))
+        group = max(1, min(n, self.decode_chunk_bytes // per_seq))
         buf_k, buf_v = self._gather_buffers(group * width)
-        outs = []
-        for s in range(0, b, group):
-            e = min(b, s + group)
-            ids = ctx.block_ids[s * width : e * width]
+        outs, lses = [], []
+        for s in range(0, n, group):
+            e = min(n, s + group)
+            ids = block_ids[s * width : e * width]
             bk, bv = buf_k[: (e - s) * width], buf_v[: (e - s) * width]
             torch.index_select(k_pool, 0, ids, out=bk)
             torch.index_select(v_pool, 0, ids, out=bv)
             keys = bk.view(e - s, -1, kh, hd).transpose(1, 2)  # [n, KVH, L, D]
             values = bv.view(e - s, -1, kh, hd).transpose(1, 2)
-            outs.append(F.scaled_dot_product_attention(qg[s:e], keys, values, attn_mask=ctx.mask[s:e]))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.reshape(b, h, hd).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
+            if q.device.type == "cpu":  # what scaled_dot_product_attention runs, with the log-sum-exp it drops
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q[s:e], keys, values, 0.0, False, attn_mask=mask[s:e]
+                )[:2]
+            else:  # no shared prefixes off the CPU (ModelRunner): the log-sum-exp is not needed
+                out, lse = F.scaled_dot_product_attention(q[s:e], keys, values, attn_mask=mask[s:e]), None
+            outs.append(out)
+            lses.append(lse)
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return torch.cat(outs), (None if lses[0] is None else torch.cat(lses))
