@@ -234,6 +234,22 @@ def test_packed_linear_is_bit_identical_and_leaves_autograd_alone(dtype):
     assert layer.weight.grad is not None and x.grad is not None
 
 
+def test_the_engine_packs_weights_only_where_the_copies_fit(model_dir, monkeypatch):
+    from medlava.engine import model_runner
+    from medlava.model.decoder import Linear
+    from medlava.model.loader import load_model
+
+    weights = None
+    for room, packs in ((1 << 40, True), (1 << 10, False)):
+        lm = load_model(model_dir("mistral-mlp2x-l1"))
+        weights = sum(m.weight.nbytes for m in lm.model.modules() if isinstance(m, Linear))
+        monkeypatch.setattr(model_runner, "available_bytes", lambda room=room: room)
+        engine = LLMEngine(lm, block_size=4)
+        assert engine.runner.packed_weights is packs
+        assert all((m.packed is not None) is packs for m in lm.model.modules() if isinstance(m, Linear))
+    assert weights > 1 << 10  # the second model did not fit twice
+
+
 def test_analyzer_answers_a_worklist_on_the_engine_as_the_reference_loop_does(model_dir):
     from medlava.analysis.inputs import prepare
     from medlava.analysis.vqa import Analyzer

@@ -1,4 +1,5 @@
-"""Keep freed tensor memory in the process on Linux CPUs, rather than handing it back to the OS.
+"""Host memory: keep freed tensor memory in the process on Linux CPUs, rather than handing it
+back to the OS; and how much memory is still available.
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB, often far less) with a
 fresh `mmap` and unmaps it on free, so each prefill step's activations are page-faulted in
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from pathlib import Path
 
 M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -31,3 +33,14 @@ def keep_freed_memory() -> bool:
             except (OSError, AttributeError):
                 pass
     return _result
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux): what can still be allocated without swapping. None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medlava.engine.host_memory import available_bytes
 from medlava.engine.image_cache import VisionCache
 from medlava.engine.paged_attention import (
     KVCachePool,
@@ -45,6 +46,25 @@ class RunnerStats:
     vision_hits: int = 0
 
 
+PACK_MEMORY_FRACTION = 0.5  # packed copies may take at most this share of the memory still available
+
+
+def pack_linears(model: LlavaModel) -> bool:
+    """Give every decoder.Linear its weight in the CPU GEMM library's layout (faster inference,
+    bit-identical). The packed copy sits beside the plain weight, which autograd and the embedding
+    still use, so packing happens only where the copies fit in half the memory still available:
+    a model that barely fits in memory once is left as it is. Returns whether it packed."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if model.device.type != "cpu" or not linears:
+        return False
+    available = available_bytes()
+    if available is not None and sum(m.weight.nbytes for m in linears) > PACK_MEMORY_FRACTION * available:
+        return False
+    for m in linears:
+        m.pack()
+    return any(m.packed is not None for m in linears)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -56,9 +76,7 @@ class ModelRunner:
     ):
         cfg = model.config
         self.model = model
-        for module in model.modules():  # the CPU GEMM library's weight layout, for inference (decoder.Linear)
-            if isinstance(module, Linear):
-                module.pack()
+        self.packed_weights = pack_linears(model)
         self.device = model.device
         self.block_size = block_size
         self.pool = KVCachePool(cfg.text, num_blocks, block_size, model.dtype, model.device)
