@@ -24,8 +24,8 @@ def original_key(key: str) -> str:
     key = key.replace("language_model.model.", "model.").replace("language_model.lm_head", "lm_head")
     key = key.replace("multi_modal_projector.linear_1", "model.mm_projector.0")
     key = key.replace("multi_modal_projector.linear_2", "model.mm_projector.2")
-    if key.startswith("vision_tower."):
-        key = "model.vision_tower.vision_tower.vision_model." + key.removeprefix("vision_tower.")
+    if key.startswith("vision_tower.vision_model."):
+        key = "model.vision_tower.vision_tower." + key.removeprefix("vision_tower.")
     return key
 
 
@@ -42,7 +42,7 @@ def original_folder(model_dir, tmp_path_factory):
     # The vision tower LLaVA really uses comes from a separate CLIP folder ...
     vision = CLIPVisionModel(CLIPVisionConfig(**hf_cfg["vision_config"]))
     vision.load_state_dict(
-        {k.removeprefix("vision_tower."): v for k, v in state.items() if k.startswith("vision_tower.")}
+        {k.removeprefix("vision_tower.vision_model."): v for k, v in state.items() if k.startswith("vision_tower.")}
     )
     vision.save_pretrained(clip)
     shutil.copy(hf_dir / "preprocessor_config.json", clip)
@@ -269,3 +269,20 @@ def test_vision_select_feature(original_folder, tmp_path):
     folder, clip = variant(original_folder, tmp_path / "bad", mm_vision_select_feature="cls")
     with pytest.raises(ModelLoadError, match="'cls'.*'patch', 'cls_patch'"):
         load_model(folder, vision_tower=clip)
+
+
+LLAVA_HF_PREFIXES = ("language_model.model.", "language_model.lm_head.", "multi_modal_projector.",
+                     "vision_tower.vision_model.")
+
+
+def test_folders_medlava_writes_have_the_llava_hf_key_layout(model_dir, tmp_path):
+    """Published llava-hf checkpoints' layout: what transformers, vLLM and medlava all load."""
+    from medlava.model.convert import convert
+
+    random_folder = model_dir("mistral-mlp2x-l2")  # save_random_llava
+    converted = convert(random_folder, tmp_path / "converted")  # save_hf, as `medlava convert` and `train` write
+    for folder in (random_folder, converted):
+        keys = list(load_file(folder / "model.safetensors"))
+        assert keys and all(k.startswith(LLAVA_HF_PREFIXES) for k in keys), folder
+        _, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info

@@ -83,7 +83,6 @@ def write_workload(
 
     spec = {
         "model": str(folder),
-        "work_dir": str(Path(tempfile.gettempdir()) / f"{folder.name}-vllm"),
         "dtype": dtype,
         "max_tokens": out_tokens,
         "image_tokens": image_tokens,

@@ -7,8 +7,7 @@ peer's python and the tuned environment (bench/peers/vllm_peer.py); it prints on
     bench/peers/.venv-vllm/bin/python bench/peers/vllm_runner.py WORKLOAD.json
 
 WORKLOAD.json:
-    model          the bench's model folder (medlava writes it; converted here for vLLM)
-    work_dir       where the converted copy goes (reused while the source is unchanged)
+    model          the bench's model folder (medlava writes it in the llava-hf layout vLLM loads)
     dtype          "float32" or "bfloat16"
     max_tokens     output tokens per request (EOS ignored, greedy)
     image_tokens   image tokens per image (196): checked against what reaches the model
@@ -30,43 +29,18 @@ import time
 from pathlib import Path
 
 
-def vllm_model_copy(src: Path, dst: Path) -> Path:
-    """A copy of medlava's bench model folder that vLLM 0.32's llava loader accepts.
-
-    transformers 5.24 saves the CLIP tower as `vision_tower.*`; vLLM's llava wants
-    `vision_tower.vision_model.*` (the llava-hf layout; the other prefixes it already maps).
-    Weights are rewritten with the tower keys renamed; every other file is linked. The copy is
-    rebuilt when the source's weights change.
-    """
+def layout_problem(folder: Path) -> str | None:
+    """Why vLLM 0.32's llava loader would not load `folder`, or None. It wants the CLIP tower as
+    `vision_tower.vision_model.*` (the llava-hf layout medlava writes); folders written by
+    transformers 5.24 itself have `vision_tower.*`."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    stamp = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.glob("*.safetensors")))
-    if (dst / ".source").is_file() and (dst / ".source").read_text() == stamp:
-        return dst
-    dst.mkdir(parents=True, exist_ok=True)
-    for old in dst.iterdir():
-        old.unlink()
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            (dst / f.name).symlink_to(f.resolve())
-    renamed: dict[str, str] = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
-            for key in f.keys():
-                new = key
-                if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-                    new = "vision_tower.vision_model." + key.removeprefix("vision_tower.")
-                tensors[new] = f.get_tensor(key)
-                renamed[new] = shard.name
-        save_file(tensors, dst / shard.name, metadata={"format": "pt"})
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        meta = json.loads(index.read_text()).get("metadata", {})
-        (dst / index.name).write_text(json.dumps({"metadata": meta, "weight_map": renamed}))
-    (dst / ".source").write_text(stamp)
-    return dst
+            if any(k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") for k in f.keys()):
+                return (f"{folder} has its vision tower as vision_tower.* (written before medlava used the llava-hf "
+                        "layout): delete it, and the bench builds it again")
+    return None
 
 
 def peak_rss_mb() -> float:
@@ -110,7 +84,10 @@ def main(path: str) -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    model = vllm_model_copy(Path(spec["model"]), Path(spec["work_dir"]))
+    model = Path(spec["model"])
+    problem = layout_problem(model)
+    if problem:
+        raise SystemExit(problem)
     engine_args = dict(spec["engine"])
     llm = LLM(
         model=str(model),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medlava.chat.templates import IMAGE_PLACEHOLDER
@@ -26,6 +27,33 @@ def hf_key(name: str) -> str:
         return f"vision_tower.vision_model.{rest}"
     _, index, param = rest.split(".")  # projector.layers.N.param
     return f"multi_modal_projector.linear_{int(index) + 1}.{param}"
+
+
+def to_llava_hf_layout(folder: str | Path) -> None:
+    """Rename a Llava folder's CLIP keys in place to the layout of published llava-hf checkpoints.
+
+    transformers 5.24's save_pretrained writes the tower as `vision_tower.*`; published llava-hf
+    folders (and what vLLM 0.32 loads) have `vision_tower.vision_model.*`. medlava and
+    transformers load either.
+    """
+    folder = Path(folder)
+    weight_map = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata = f.metadata()
+            tensors = {_llava_hf_key(key): f.get_tensor(key) for key in f.keys()}
+        save_file(tensors, shard, metadata=metadata)
+        weight_map |= dict.fromkeys(tensors, shard.name)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text())
+        index.write_text(json.dumps(meta | {"weight_map": weight_map}, indent=2))
+
+
+def _llava_hf_key(key: str) -> str:
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+    return key
 
 
 def add_image_token(lm: LoadedModel) -> int:

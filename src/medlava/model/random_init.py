@@ -13,6 +13,7 @@ import torch
 
 from medlava.chat.bpe import train_bpe_tokenizer
 from medlava.chat.image_processing import ImageProcessing
+from medlava.model.convert import to_llava_hf_layout
 
 TOKENIZER_TEXT = [
     "What modality is this? This is a chest radiograph. Is there a nodule in the right lung?",
@@ -105,6 +106,7 @@ def save_random_llava(
     elif projector != "mlp2x_gelu":
         raise ValueError(f"unknown projector {projector!r}")
     model.to(dtype).save_pretrained(out)
+    to_llava_hf_layout(out)  # the key layout of published llava-hf folders, which every engine loads
     tokenizer.save_pretrained(out)
     extra = dict(extra_config or {})
     if projector == "linear":
