@@ -56,7 +56,7 @@ def main() -> None:
         print(json.dumps(run_api(folder, args.dtype)))
         return
     bench_engine.build_model(folder)
-    env = dict(os.environ, PYTHONPATH=str(bench_engine.ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(bench_engine.ROOT / "src"), os.environ.get("PYTHONPATH")])))
     api = subprocess.run([sys.executable, __file__, "--worker", "--dtype", args.dtype, "--model-dir", str(folder)],
                          capture_output=True, text=True, env=env, check=True)
     engine = bench_engine._spawn(dict(mode="c", folder=str(folder), n_images=16, out_tokens=64, dtype=args.dtype,

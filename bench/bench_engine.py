@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure_rooflines() -> dict:
-    """This machine's peak rates, measured at the start of the run (machines differ: AVX-512 or
+    """This machine's peak rates, measured in the run (machines differ: AVX-512 or
     AMX, memory bandwidth): matmul GFLOP/s per dtype (best of 2048^3 products) and the weight
     streaming GB/s batch-1 decode can reach (best of a 256 MB read and a 128 MB bf16 GEMV)."""
     import torch
@@ -507,6 +507,10 @@ def run_benchmark(
     return results
 
 
+def _secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"  # vLLM reports no TTFT without its stats
+
+
 MODE_NAMES = {"a": "hf_one", "b": "hf_static", "c": "medlava", "d": "vllm"}  # in --json rows
 
 
@@ -549,7 +553,8 @@ def format_table(
             r = modes[key]
             lines.append(
                 f"| {dtype} | {names[key]} | {r['requests']} | {r['tok_per_s']:.1f} | {r['req_per_s']:.3f} | "
-                f"{r['ttft_p50_s']:.2f} | {r['ttft_p90_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['background_cpus']:.2f} |"
+                f"{_secs(r.get('ttft_p50_s'))} | {_secs(r.get('ttft_p90_s'))} | {r['peak_rss_mb']:.0f} | "
+                f"{r['background_cpus']:.2f} |"
             )
     lines += [
         "",
@@ -592,7 +597,8 @@ def format_table(
             c = results[dtype]["c"]
             lines.append(
                 f"| {dtype} | {c['tok_per_s'] / d['tok_per_s']:.2f}x | {c['req_per_s'] / d['req_per_s']:.2f}x | "
-                f"{c['ttft_p50_s']:.2f} s / {d['ttft_p50_s']:.2f} s | {100 * d['prefix_hit_rate']:.0f} % | {d['settings']} |"
+                f"{_secs(c['ttft_p50_s'])} s / {_secs(d.get('ttft_p50_s'))} s | {100 * d['prefix_hit_rate']:.0f} % | "
+                f"{d['settings']} |"
             )
         lines += ["", "(d)'s peak RSS adds up vLLM's processes (front end, engine core, worker); its prompts "
                   "were checked to be medlava's ids with 196 image tokens."]

@@ -215,23 +215,34 @@ def test_few_row_linear_matches_nn_linear():
         assert layer(x).shape == (1, rows, 80) and layer(x).is_contiguous()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_packed_linear_is_bit_identical_and_leaves_autograd_alone(dtype):
+def test_packed_linear_is_bit_identical_used_and_dropped_when_stale():
     from medlava.model.decoder import Linear
 
     torch.manual_seed(0)
-    layer = Linear(96, 160, bias=False).to(dtype)
+    layer = Linear(96, 160, bias=False).to(torch.bfloat16)
     layer.pack()
     if layer.packed is None:
-        pytest.skip("this torch has no oneDNN/MKL CPU GEMM")
+        pytest.skip("this torch has no oneDNN")
     with torch.inference_mode():
         for rows in (1, 3, 64, 300):
-            x = torch.randn(1, rows, 96, dtype=dtype)
+            x = torch.randn(1, rows, 96, dtype=torch.bfloat16)
             y = layer(x)
             assert y.shape == (1, rows, 160) and torch.equal(y, torch.nn.functional.linear(x, layer.weight))
-    x = torch.randn(4, 96, dtype=dtype, requires_grad=True)
+        packed = layer.packed  # the packed path is the one that runs: another weight's copy shows
+        layer.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), None)
+        assert not layer(x).any()
+        layer.packed = packed
+    with torch.no_grad():
+        layer.weight.mul_(2)  # a weight changed after packing (a LoRA merge, training): the copy is stale
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight)) and layer.packed is None
+    x = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
+    layer.pack()
     layer(x).sum().backward()  # with autograd on, the dense weight is used and gets its gradient
     assert layer.weight.grad is not None and x.grad is not None
+    fp32 = Linear(96, 160, bias=False)
+    fp32.pack()
+    assert fp32.packed is None  # float32 keeps the few-row path (oneDNN's fp32 is not bit-identical)
 
 
 def test_the_engine_packs_weights_only_where_the_copies_fit(model_dir, monkeypatch):
@@ -239,15 +250,16 @@ def test_the_engine_packs_weights_only_where_the_copies_fit(model_dir, monkeypat
     from medlava.model.decoder import Linear
     from medlava.model.loader import load_model
 
-    weights = None
     for room, packs in ((1 << 40, True), (1 << 10, False)):
-        lm = load_model(model_dir("mistral-mlp2x-l1"))
-        weights = sum(m.weight.nbytes for m in lm.model.modules() if isinstance(m, Linear))
+        lm = load_model(model_dir("mistral-mlp2x-l1"), dtype="bfloat16")
         monkeypatch.setattr(model_runner, "available_bytes", lambda room=room: room)
         engine = LLMEngine(lm, block_size=4)
         assert engine.runner.packed_weights is packs
         assert all((m.packed is not None) is packs for m in lm.model.modules() if isinstance(m, Linear))
-    assert weights > 1 << 10  # the second model did not fit twice
+        if packs:  # a second engine on the same model packs nothing again
+            before = [m.packed for m in lm.model.modules() if isinstance(m, Linear)]
+            assert LLMEngine(lm, block_size=4).runner.packed_weights
+            assert [m.packed for m in lm.model.modules() if isinstance(m, Linear)] == before
 
 
 def test_analyzer_answers_a_worklist_on_the_engine_as_the_reference_loop_does(model_dir):

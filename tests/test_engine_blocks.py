@@ -237,8 +237,11 @@ def test_shared_prefixes_group_decode_sequences_by_their_common_full_blocks(monk
     monkeypatch.setattr(paged_attention, "MIN_SHARED_TOKENS", 8)
     tables = [[7, 8, 9, 20], [7, 8, 9, 21], [7, 8, 22], [3, 4, 5], [7, 8, 9, 23], [30, 31]]
     lengths = [15, 16, 12, 10, 13, 8]
-    # Sequences 0, 1, 2 and 4 start with blocks 7, 8; block 9 is not in 2's table. 3 and 5 are alone.
-    assert shared_prefixes(tables, lengths, 4) == [(2, [0, 1, 2, 4])]
+    # 0, 1 and 4 share blocks 7, 8, 9; 2 shares only 7, 8 with them and is left alone, as are 3 and 5.
+    assert shared_prefixes(tables, lengths, 4) == [(3, [0, 1, 4])]
+    # A block all share (a system prompt) does not hide the deeper groups (two images).
+    system = [[1, 10, 11, 50], [1, 10, 11, 51], [1, 20, 21, 52], [1, 20, 21, 53], [1, 60, 61]]
+    assert sorted(shared_prefixes(system, [16, 16, 16, 16, 12], 4)) == [(3, [0, 1]), (3, [2, 3])]
     # A block holding a sequence's newest token is never shared: 2's newest (position 8) is in block 22,
     # 0's would be in block 9 at length 9, which caps the group at its first two blocks as well.
     assert shared_prefixes([[7, 8, 9], [7, 8, 9, 4]], [9, 16], 4) == [(2, [0, 1])]

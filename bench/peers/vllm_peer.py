@@ -54,7 +54,9 @@ def environment(env: dict | None = None, preload: bool = True) -> dict:
     out |= ENV | (env or {})
     out = {k: v for k, v in out.items() if v is not None}
     if out.get("VLLM_CPU_OMP_THREADS_BIND") == "all":
-        out["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
+        cpus = sorted(os.sched_getaffinity(0))  # the CPUs this process may use (a container's cpuset)
+        contiguous = cpus == list(range(cpus[0], cpus[-1] + 1))
+        out["VLLM_CPU_OMP_THREADS_BIND"] = f"{cpus[0]}-{cpus[-1]}" if contiguous else ",".join(map(str, cpus))
     if preload:
         out["LD_PRELOAD"] = preloads()
     return out

@@ -32,7 +32,7 @@ from pathlib import Path
 def layout_problem(folder: Path) -> str | None:
     """Why vLLM 0.32's llava loader would not load `folder`, or None. It wants the CLIP tower as
     `vision_tower.vision_model.*` (the llava-hf layout medlava writes); folders written by
-    transformers 5.24 itself have `vision_tower.*`."""
+    transformers 5 itself have `vision_tower.*`."""
     from safetensors import safe_open
 
     for shard in sorted(folder.glob("*.safetensors")):

@@ -36,11 +36,20 @@ def keep_freed_memory() -> bool:
 
 
 def available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux): what can still be allocated without swapping. None elsewhere."""
+    """What can still be allocated without swapping (Linux): MemAvailable from /proc/meminfo,
+    capped by this process's cgroup v2 limit (containers see the host's meminfo). None elsewhere."""
+    found = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                found = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if found is not None and limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found = min(found, max(0, int(limit) - used))
+    except (OSError, ValueError):
         pass
-    return None
+    return found

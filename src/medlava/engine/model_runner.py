@@ -50,18 +50,18 @@ PACK_MEMORY_FRACTION = 0.5  # packed copies may take at most this share of the m
 
 
 def pack_linears(model: LlavaModel) -> bool:
-    """Give every decoder.Linear its weight in the CPU GEMM library's layout (faster inference,
+    """Give the bfloat16 decoder.Linear layers their weight in oneDNN's layout (faster inference,
     bit-identical). The packed copy sits beside the plain weight, which autograd and the embedding
     still use, so packing happens only where the copies fit in half the memory still available:
-    a model that barely fits in memory once is left as it is. Returns whether it packed."""
+    a model that barely fits in memory once is left as it is. Returns whether the model is packed."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    todo = [m for m in linears if m.packed is None and m.weight.dtype == torch.bfloat16 and m.bias is None]
     if model.device.type != "cpu" or not linears:
         return False
     available = available_bytes()
-    if available is not None and sum(m.weight.nbytes for m in linears) > PACK_MEMORY_FRACTION * available:
-        return False
-    for m in linears:
-        m.pack()
+    if todo and (available is None or sum(m.weight.nbytes for m in todo) <= PACK_MEMORY_FRACTION * available):
+        for m in todo:
+            m.pack()
     return any(m.packed is not None for m in linears)
 
 

@@ -76,22 +76,28 @@ MIN_SHARED_TOKENS = 32  # a shorter shared prefix is not worth its own attention
 
 def shared_prefixes(tables: list[list[int]], lengths: list[int], block_size: int) -> list[tuple[int, list[int]]]:
     """Groups of decode sequences whose block tables start with the same blocks, as
-    (shared blocks, sequence indices). Only full blocks before each one's newest token count
-    (the newest token's K/V is written this step); groups share at least MIN_SHARED_TOKENS."""
-    by_first = defaultdict(list)
-    for i, table in enumerate(tables):
-        by_first[table[0]].append(i)
-    groups = []
-    for members in by_first.values():
-        if len(members) < 2:
-            continue
-        first = tables[members[0]]
-        limit = min((lengths[i] - 1) // block_size for i in members)
-        n = 0
-        while n < limit and all(tables[i][n] == first[n] for i in members):
-            n += 1
-        if n * block_size >= MIN_SHARED_TOKENS:
-            groups.append((n, members))
+    (shared blocks, sequence indices): each sequence joins the deepest group of two or more
+    that shares its leading blocks (so a system prompt shared by all does not hide the image
+    each four of them share). Only full blocks before each one's newest token count (the newest
+    token's K/V is written this step); groups share at least MIN_SHARED_TOKENS."""
+    limits = [(n - 1) // block_size for n in lengths]
+    groups: list[tuple[int, list[int]]] = []
+
+    def split(members: list[int], depth: int) -> None:  # members share blocks [0, depth)
+        deeper = defaultdict(list)
+        for i in members:
+            if limits[i] > depth:
+                deeper[tables[i][depth]].append(i)
+        went = set()
+        for sub in deeper.values():
+            if len(sub) > 1:
+                split(sub, depth + 1)
+                went.update(sub)
+        rest = [i for i in members if i not in went]
+        if len(rest) > 1 and depth * block_size >= MIN_SHARED_TOKENS:
+            groups.append((depth, rest))
+
+    split(list(range(len(tables))), 0)
     return groups
 
 

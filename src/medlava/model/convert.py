@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ SHARD_BYTES = 4 << 30
 
 
 def hf_key(name: str) -> str:
-    """medlava module path -> the key transformers' save_pretrained writes for it."""
+    """medlava module path -> its key in the layout of published llava-hf checkpoints."""
     head, _, rest = name.partition(".")
     if head == "decoder":
         return f"language_model.model.{rest}"
@@ -32,7 +33,7 @@ def hf_key(name: str) -> str:
 def to_llava_hf_layout(folder: str | Path) -> None:
     """Rename a Llava folder's CLIP keys in place to the layout of published llava-hf checkpoints.
 
-    transformers 5.24's save_pretrained writes the tower as `vision_tower.*`; published llava-hf
+    transformers 5's save_pretrained writes the tower as `vision_tower.*`; published llava-hf
     folders (and what vLLM 0.32 loads) have `vision_tower.vision_model.*`. medlava and
     transformers load either.
     """
@@ -42,7 +43,9 @@ def to_llava_hf_layout(folder: str | Path) -> None:
         with safe_open(shard, "pt") as f:
             metadata = f.metadata()
             tensors = {_llava_hf_key(key): f.get_tensor(key) for key in f.keys()}
-        save_file(tensors, shard, metadata=metadata)
+        partial = shard.with_suffix(".partial")
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, shard)  # never a half-written shard
         weight_map |= dict.fromkeys(tensors, shard.name)
     index = folder / "model.safetensors.index.json"
     if index.is_file():

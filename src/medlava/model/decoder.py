@@ -46,36 +46,41 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
 class Linear(nn.Linear):
     """`nn.Linear` with two CPU inference paths that give the same results faster.
 
-    - After `pack()`, inference (no autograd) multiplies by a copy of the weight that the CPU
-      GEMM library has reordered into its blocked layout once (oneDNN for bfloat16, MKL's packed
-      GEMM for float32), instead of reordering it on every call: bit-identical outputs, 1.3-1.9x
-      faster at decode batch sizes (docs/BENCHMARKS.md). Training and autograd (relevance maps)
-      keep using `weight`.
-    - Unpacked, a few float32 rows are computed as (W @ x^T)^T: the same products and sums, but
-      the BLAS picks a 10-35 % faster kernel for decode-sized float32 inputs (in bfloat16 the swap
-      gains nothing and is up to 3x slower for some shapes).
+    - bfloat16, after `pack()`: inference (no autograd) multiplies by a copy of the weight that
+      oneDNN has reordered into its blocked layout once, instead of reordering it on every call:
+      bit-identical outputs, 1.3-1.9x faster at decode batch sizes (docs/BENCHMARKS.md). Autograd
+      (training, relevance maps) keeps using `weight`, and a weight changed or moved after
+      packing drops the stale copy.
+    - float32, a few rows: computed as (W @ x^T)^T, the same products and sums in another operand
+      order, for which the BLAS picks a 10-35 % faster kernel at decode-sized inputs (in bfloat16
+      the swap gains nothing and is up to 3x slower for some shapes).
     """
 
     FEW_ROWS = 256
-    PACK_ROWS = 64  # the batch size MKL's float32 packing is tuned for (any batch size works)
     packed: torch.Tensor | None = None
+    _packed_from: tuple | None = None  # (storage, version) of the weight the copy was made from
+
+    def _weight_state(self) -> tuple:
+        return self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device
 
     def pack(self) -> None:
-        """Reorder the weight for CPU inference (bfloat16 or float32 on the CPU, no bias; else a no-op)."""
+        """Reorder a bfloat16 CPU weight for inference (no bias); a no-op otherwise or when already packed."""
         w = self.weight
-        if w.device.type != "cpu" or self.bias is not None or not torch.backends.mkldnn.is_available():
+        if self.packed is not None and self._packed_from == self._weight_state():
+            return
+        if w.device.type != "cpu" or w.dtype != torch.bfloat16 or self.bias is not None:
+            return
+        if not torch.backends.mkldnn.is_available():
             return
         with torch.no_grad():
-            if w.dtype == torch.bfloat16:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-            elif w.dtype == torch.float32 and torch.backends.mkl.is_available():
-                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.PACK_ROWS)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        self._packed_from = self._weight_state()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dtype == self.weight.dtype and not torch.is_grad_enabled():
-            if x.dtype == torch.bfloat16:
+        if self.packed is not None and not torch.is_grad_enabled() and x.dtype == self.weight.dtype:
+            if self._packed_from == self._weight_state():
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "")
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.PACK_ROWS)
+            self.packed = self._packed_from = None  # the weight changed since: the copy is stale
         rows = x.numel() // x.shape[-1]
         fp32_cpu = x.dtype == torch.float32 and x.device.type == "cpu"
         if self.bias is not None or not fp32_cpu or not 1 < rows <= self.FEW_ROWS:

@@ -6,6 +6,8 @@ rest of the brain. Trained without augmentation, the demo model learned that dar
 mass's sign and ignored the mass itself (occluding it left the "yes" unchanged; docs/GROUNDING.md).
 Scaling each training image's intensities by a random factor (MONAI's RandScaleIntensity, applied
 in display space about black) makes global brightness an unreliable cue, so the finding is learned.
+The padding around a non-square image is scaled with it, although inference always pads with
+the mean colour: a border brightness the model sees only in training (left as is so far).
 """
 
 from __future__ import annotations
