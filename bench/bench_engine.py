@@ -228,12 +228,21 @@ def peer_inputs(folder: Path, n_images: int):
     return reqs, warmup, inputs.config.image_token_id, inputs.config.image_tokens
 
 
-def worker_peer(folder: Path, dtype: str, n_images: int, out_tokens: int, peer: str) -> dict:
-    """Mode (d): the peer runs in its own process, started from here (bench/peers/)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+def peer_module(peer: str):
+    """The medlava side of a peer (bench/peers/), which runs the peer in its own environment."""
+    if peer != "vllm":
+        raise MedlavaError(f"--peer must be vllm, got {peer}")
+    peers = str(Path(__file__).resolve().parent / "peers")
+    if peers not in sys.path:
+        sys.path.insert(0, peers)
     import vllm_peer
 
-    assert peer == "vllm", peer
+    return vllm_peer
+
+
+def worker_peer(folder: Path, dtype: str, n_images: int, out_tokens: int, peer: str) -> dict:
+    """Mode (d): the peer runs in its own process, started from here (bench/peers/)."""
+    vllm_peer = peer_module(peer)
     reqs, warmup, image_id, image_tokens = peer_inputs(folder, n_images)
     result = vllm_peer.run(folder, dtype, reqs, warmup, out_tokens, image_tokens, image_id)
     return result | {"settings": vllm_peer.settings_line(result)}
@@ -451,13 +460,8 @@ def run_benchmark(
     """
     if block_size < 1:
         raise MedlavaError(f"--block-size must be at least 1, got {block_size}")
-    if peer not in (None, "vllm"):
-        raise MedlavaError(f"--peer must be vllm, got {peer}")
-    if peer:
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
-        import vllm_peer
-
-        vllm_peer.check()  # before the first mode runs, not after ten minutes
+    if peer is not None:
+        peer_module(peer).check()  # before the first mode runs, not after ten minutes
     n_images = 4 if quick else 16
     out_tokens = 16 if quick else 64
     subset = 2 if quick else 8
@@ -496,7 +500,7 @@ def run_benchmark(
     for (dtype, key), rs in runs.items():
         quiet = [r for r in rs if r["background_cpus"] < 0.2] or [min(rs, key=lambda r: r["background_cpus"])]
         results[dtype][key] = max(quiet, key=lambda r: r["tok_per_s"]) | {"runs": len(rs)}
-    table = format_table(results, n_images * 4, out_tokens, subset, quick, block_size, measure_rooflines())
+    table = format_table(results, n_images * 4, out_tokens, subset, quick, block_size, rooflines=measure_rooflines())
     log(table)
     documented = not quick and set(dtypes) == {"float32", "bfloat16"} and block_size == 16
     if documented if write is None else write:
@@ -533,11 +537,10 @@ TARGETS = {"c/a": 8.0, "c/b": 3.0, "follow-up": 0.20, "c/d": 1.0, "batch-1": 0.6
 
 
 def format_table(
-    results: dict, n_req: int, out_tokens: int, subset: int, quick: bool = False, block_size: int = 16,
-    rooflines: dict | None = None,
+    results: dict, n_req: int, out_tokens: int, subset: int, quick: bool = False, block_size: int = 16, *,
+    rooflines: dict,
 ) -> str:
-    """The results as Markdown; `rooflines` from measure_rooflines() (measured if not given)."""
-    rooflines = rooflines or measure_rooflines()
+    """The results as Markdown; `rooflines` from measure_rooflines()."""
     names = {
         "a": f"(a) HF generate, one at a time (first {subset} of {n_req})",
         "b": "(b) HF generate, static batches of 16",

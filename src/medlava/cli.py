@@ -442,8 +442,6 @@ def bench(
     bad = sorted(set(dtypes) - {"float32", "bfloat16"})
     if bad:
         fail(f"--dtype must be float32 or bfloat16, got {', '.join(bad)}")
-    if peer not in (None, "vllm"):
-        fail(f"--peer must be vllm, got {peer}")
     script = BENCH_DIR / "bench_engine.py"
     if not script.is_file():
         fail(f"{script} not found: benchmarks run from a source checkout (git clone, then pip install -e .)")

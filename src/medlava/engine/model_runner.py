@@ -55,9 +55,7 @@ def pack_linears(model: LlavaModel) -> bool:
     still use, so packing happens only where the copies fit in half the memory still available:
     a model that barely fits in memory once is left as it is. Returns whether the model is packed."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    todo = [m for m in linears if m.packed is None and m.weight.dtype == torch.bfloat16 and m.bias is None]
-    if model.device.type != "cpu" or not linears:
-        return False
+    todo = [m for m in linears if m.needs_packing]
     available = available_bytes()
     if todo and (available is None or sum(m.weight.nbytes for m in todo) <= PACK_MEMORY_FRACTION * available):
         for m in todo:
@@ -179,20 +177,17 @@ class ModelRunner:
             for i in members:
                 skip[i] = n
         own = [s.block_table[k:] for s, k in zip(seqs, skip, strict=True)]
-        width = max(len(t) for t in own)
-        table = [t + [0] * (width - len(t)) for t in own]
-        ctx_lens = self._tensor(lens)
-        k_pos = torch.arange(width * bs, device=self.device)
-        mask = k_pos[None, :] < (ctx_lens - self._tensor(skip) * bs)[:, None]
+        block_ids, mask = self._padded(own, [n - k * bs for n, k in zip(lens, skip, strict=True)])
         if windowed:
-            mask &= k_pos[None, :] > (ctx_lens - 1 - self.window)[:, None]
+            k_pos = torch.arange(mask.shape[1], device=self.device)
+            mask &= k_pos[None, :] > (self._tensor(lens) - 1 - self.window)[:, None]
             self.stats.decode_attn_pairs += sum(min(n, self.window) for n in lens)
         else:
             self.stats.decode_attn_pairs += sum(lens)
         self.stats.decode_tokens += b
         ctx = StepContext(
             slot_mapping=self._tensor(slots),
-            block_ids=self._tensor(table).flatten(),
+            block_ids=block_ids,
             mask=mask[:, None, None, :],
             batch=b,
             shared=self._shared(seqs, groups) if groups else None,
@@ -201,15 +196,21 @@ class ModelRunner:
         no_images = torch.zeros(1, b, dtype=torch.bool, device=self.device)  # generated ids are never placeholders
         return ids, self._tensor([positions]), None, None, no_images, ctx
 
-    def _shared(self, seqs: list[Sequence], groups: list[tuple[int, list[int]]]) -> SharedPrefixes:
-        width = max(n for n, _ in groups)
-        table = [seqs[members[0]].block_table[:n] + [0] * (width - n) for n, members in groups]
+    def _padded(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables padded to one width, flattened, and the [n, width * block_size] mask of the
+        first `lengths` slots of each."""
+        width = max(len(t) for t in tables)
+        block_ids = self._tensor([t + [0] * (width - len(t)) for t in tables]).flatten()
         k_pos = torch.arange(width * self.block_size, device=self.device)
-        mask = k_pos[None, :] < self._tensor([n * self.block_size for n, _ in groups])[:, None]
+        return block_ids, k_pos[None, :] < self._tensor(lengths)[:, None]
+
+    def _shared(self, seqs: list[Sequence], groups: list[tuple[int, list[int]]]) -> SharedPrefixes:
+        tables = [seqs[members[0]].block_table[:n] for n, members in groups]
+        block_ids, mask = self._padded(tables, [n * self.block_size for n, _ in groups])
         where = [(g, m, i) for g, (_, members) in enumerate(groups) for m, i in enumerate(members)]
         group, member, seq = (self._tensor(list(col)) for col in zip(*where, strict=True))
         members = max(len(m) for _, m in groups)
-        return SharedPrefixes(self._tensor(table).flatten(), mask[:, None, None, :], group, member, seq, members)
+        return SharedPrefixes(block_ids, mask[:, None, None, :], group, member, seq, members)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], plan: list[PrefillSeq]) -> None:
         """Log-probability of each prompt token given the ones before it, for sequences that asked.

@@ -106,7 +106,7 @@ class SharedPrefixes:
     """Decode sequences attending over shared leading blocks together (see `shared_prefixes`)."""
 
     block_ids: torch.Tensor  # [G * max_blocks] each group's shared blocks, padded, flattened
-    mask: torch.Tensor  # [G, 1, 1, max_blocks * block_size] True = a shared slot of that group
+    mask: torch.Tensor  # [G, 1, 1, max_blocks * block_size] True = a shared slot of that group (additive once set)
     group: torch.Tensor  # [S] the group of each sequence that has one
     member: torch.Tensor  # [S] its place in the group
     seq: torch.Tensor  # [S] its place in the batch
@@ -119,9 +119,16 @@ class StepContext:
     prefill: list[PrefillSeq] | None = None
     # decode only; with `shared`, block_ids and mask cover each sequence's blocks after its shared ones
     block_ids: torch.Tensor | None = None  # [B * max_blocks] padded block tables, flattened
-    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend
+    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend (additive once set)
     batch: int = 0
     shared: SharedPrefixes | None = None
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as the additive one (0 / -inf) the CPU flash kernel takes."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class PagedAttention:
@@ -139,6 +146,10 @@ class PagedAttention:
         self._buf_v: torch.Tensor | None = None
 
     def set_context(self, ctx: StepContext | None) -> None:
+        if ctx is not None and ctx.mask is not None:  # decode: additive masks, built once per step, not per layer
+            ctx.mask = additive_mask(ctx.mask, self.pool.k.dtype)
+            if ctx.shared is not None:
+                ctx.shared.mask = additive_mask(ctx.shared.mask, self.pool.k.dtype)
         self.ctx = ctx
 
     def _gather_buffers(self, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,13 +210,11 @@ class PagedAttention:
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_ids: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [n, KVH, rows, D] over the blocks of each of the n block tables
-        (block_ids [n * width]), masked by mask [n, 1, 1, width * block_size]; returns the output
+        (block_ids [n * width]), masked by the additive mask [n, 1, 1, width * block_size]; returns the output
         [n, KVH, rows, D] and its log-sum-exp [n, KVH, rows] (float32; None off the CPU)."""
         n = q.shape[0]
         kh, hd = self.pool.kv_heads, self.pool.head_dim
         width = block_ids.shape[0] // n  # blocks per (padded) table
-        if mask.dtype == torch.bool:  # the flash kernel takes an additive mask
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         per_seq = 2 * k_pool[0].nbytes * width
         group = max(1, min(n, self.decode_chunk_bytes // per_seq))
         buf_k, buf_v = self._gather_buffers(group * width)

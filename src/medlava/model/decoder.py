@@ -63,18 +63,22 @@ class Linear(nn.Linear):
     def _weight_state(self) -> tuple:
         return self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device
 
-    def pack(self) -> None:
-        """Reorder a bfloat16 CPU weight for inference (no bias); a no-op otherwise or when already packed."""
+    @property
+    def needs_packing(self) -> bool:
+        """A bfloat16 CPU weight without bias that has no up-to-date packed copy (oneDNN present)."""
         w = self.weight
         if self.packed is not None and self._packed_from == self._weight_state():
-            return
-        if w.device.type != "cpu" or w.dtype != torch.bfloat16 or self.bias is not None:
-            return
-        if not torch.backends.mkldnn.is_available():
-            return
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-        self._packed_from = self._weight_state()
+            return False
+        return w.device.type == "cpu" and w.dtype == torch.bfloat16 and self.bias is None and (
+            torch.backends.mkldnn.is_available()
+        )
+
+    def pack(self) -> None:
+        """Reorder the weight for inference where `needs_packing`; a no-op otherwise."""
+        if self.needs_packing:
+            with torch.no_grad():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            self._packed_from = self._weight_state()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled() and x.dtype == self.weight.dtype:
