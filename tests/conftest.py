@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from medlava import kernels
 from medlava.model.random_init import save_random_llava
 
 VARIANTS = {
@@ -39,3 +42,15 @@ def xray_image() -> Image.Image:
     y, x = np.mgrid[0:90, 0:120]
     arr = (128 + 60 * np.sin(x / 7.0) * np.cos(y / 5.0) + rng.normal(0, 10, (90, 120))).clip(0, 255)
     return Image.fromarray(arr.astype(np.uint8), mode="L")
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """medlava's CPU kernels (built on first use); a skip where they cannot be built, a failure under CI=true."""
+    ops = kernels.ops()
+    if ops is None:
+        reason = "medlava's CPU kernels could not be built here (see the warning in the log)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; under CI=true they must build")
+        pytest.skip(reason)
+    return ops

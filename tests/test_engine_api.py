@@ -204,50 +204,66 @@ def test_embedding_a_generated_image_token_is_an_ordinary_token(lm):
         model.embed(ids, torch.zeros(1, 2, lm.config.text.hidden_size))
 
 
-def test_few_row_linear_matches_nn_linear():
-    from medlava.model.decoder import Linear
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear_is_used_and_dropped_when_stale(dtype, bias):
+    from medlava.model.decoder import Linear, PackedWeights, pack_model
 
     torch.manual_seed(0)
-    layer = Linear(48, 80, bias=False)
-    for rows in (1, 2, 17, 300):
-        x = torch.randn(1, rows, 48)
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-6, atol=1e-6)
-        assert layer(x).shape == (1, rows, 80) and layer(x).is_contiguous()
-
-
-def test_packed_linear_is_bit_identical_used_and_dropped_when_stale():
-    from medlava.model.decoder import Linear
-
-    torch.manual_seed(0)
-    layer = Linear(96, 160, bias=False).to(torch.bfloat16)
-    layer.pack()
-    if layer.packed is None:
+    layer = Linear(96, 160, bias=bias).to(dtype)
+    if not PackedWeights.packable([layer]):
         pytest.skip("this torch has no oneDNN")
+    assert pack_model(layer) and layer.packed is not None
+
+    def same(y, want):  # bfloat16: bit-identical; float32: oneDNN's GEMM rounds differently from MKL's
+        return torch.equal(y, want) if dtype == torch.bfloat16 else torch.allclose(y, want, rtol=1e-5, atol=1e-5)
+
     with torch.inference_mode():
         for rows in (1, 3, 64, 300):
-            x = torch.randn(1, rows, 96, dtype=torch.bfloat16)
+            x = torch.randn(1, rows, 96, dtype=dtype)
             y = layer(x)
-            assert y.shape == (1, rows, 160) and torch.equal(y, torch.nn.functional.linear(x, layer.weight))
-        packed = layer.packed  # the packed path is the one that runs: another weight's copy shows
-        layer.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), None)
-        assert not layer(x).any()
-        layer.packed = packed
+            assert y.shape == (1, rows, 160) and same(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        packed = layer.packed.weight  # the packed path is the one that runs: another weight's copy shows
+        layer.packed.weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), None)
+        assert torch.equal(layer(x), layer.bias.expand(1, 300, 160)) if bias else not layer(x).any()
+        layer.packed.weight = packed
     with torch.no_grad():
         layer.weight.mul_(2)  # a weight changed after packing (a LoRA merge, training): the copy is stale
     with torch.inference_mode():
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight)) and layer.packed is None
-    x = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
-    layer.pack()
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)) and layer.packed is None
+    x = torch.randn(4, 96, dtype=dtype, requires_grad=True)
+    pack_model(layer)
     layer(x).sum().backward()  # with autograd on, the dense weight is used and gets its gradient
     assert layer.weight.grad is not None and x.grad is not None
-    fp32 = Linear(96, 160, bias=False)
-    fp32.pack()
-    assert fp32.packed is None  # float32 keeps the few-row path (oneDNN's fp32 is not bit-identical)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q_k_v_and_gate_up_run_as_one_gemm_each_with_the_same_outputs(model_dir, dtype):
+    from medlava.model import decoder
+    from medlava.model.loader import load_model
+
+    lm = load_model(model_dir("mistral-mlp2x-l1"), dtype=dtype)
+    ids = torch.randint(5, lm.config.text.vocab_size, (1, 19), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        plain = lm.model(ids)
+        assert decoder.pack_model(lm.model)
+        layer = lm.model.decoder.layers[0]
+        assert layer.self_attn.fused.sizes == [m.out_features for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
+        assert layer.mlp.fused is not None and layer.self_attn.q_proj.packed is None  # grouped, not packed twice
+        assert lm.model.decoder.layers[0].self_attn.o_proj.packed is not None and lm.model.lm_head.packed is not None
+        packed = lm.model(ids)
+    tol = 1e-4 if dtype == torch.float32 else 0
+    torch.testing.assert_close(packed.float(), plain.float(), rtol=tol, atol=tol)
+    with torch.no_grad():
+        layer.self_attn.k_proj.weight.mul_(2)  # one member changed: the group's copy is stale and dropped
+    with torch.inference_mode():
+        lm.model(ids)
+    assert layer.self_attn.fused is None and layer.mlp.fused is not None
 
 
 def test_the_engine_packs_weights_only_where_the_copies_fit(model_dir, monkeypatch):
     from medlava.engine import model_runner
-    from medlava.model.decoder import Linear
+    from medlava.model.decoder import packing_groups
     from medlava.model.loader import load_model
 
     for room, packs in ((1 << 40, True), (1 << 10, False)):
@@ -255,11 +271,11 @@ def test_the_engine_packs_weights_only_where_the_copies_fit(model_dir, monkeypat
         monkeypatch.setattr(model_runner, "available_bytes", lambda room=room: room)
         engine = LLMEngine(lm, block_size=4)
         assert engine.runner.packed_weights is packs
-        assert all((m.packed is not None) is packs for m in lm.model.modules() if isinstance(m, Linear))
+        assert all((getattr(owner, attr) is not None) is packs for owner, attr, _ in packing_groups(lm.model))
         if packs:  # a second engine on the same model packs nothing again
-            before = [m.packed for m in lm.model.modules() if isinstance(m, Linear)]
+            before = [getattr(owner, attr) for owner, attr, _ in packing_groups(lm.model)]
             assert LLMEngine(lm, block_size=4).runner.packed_weights
-            assert [m.packed for m in lm.model.modules() if isinstance(m, Linear)] == before
+            assert [getattr(owner, attr) for owner, attr, _ in packing_groups(lm.model)] == before
 
 
 def test_analyzer_answers_a_worklist_on_the_engine_as_the_reference_loop_does(model_dir):

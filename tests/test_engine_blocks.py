@@ -184,65 +184,8 @@ def test_vision_cache_is_lru_and_bounded():
         VisionCache(0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_bytes", [1, 3072, 2**30], ids=["one-by-one", "uneven-groups", "all"])
-def test_paged_decode_attention_equals_contiguous_attention(dtype, chunk_bytes):
-    from medlava.engine.paged_attention import KVCachePool, PagedAttention, StepContext
-    from medlava.model.config import TextConfig
-    from medlava.model.decoder import attend
-
-    cfg = TextConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    bs, lengths = 4, [5, 11, 8, 3, 9]  # one new token each, the rest already cached
-    pool = KVCachePool(cfg, num_blocks=24, block_size=bs, dtype=dtype, device="cpu")
-    pool.ensure_zeroed(23)
-    g = torch.Generator().manual_seed(0)
-    free = torch.randperm(24, generator=g).tolist()  # scattered blocks, as after some churn
-    tables = [[free.pop() for _ in range(-(-n // bs))] for n in lengths]
-    ks = [torch.randn(1, 2, n, 8, generator=g).to(dtype) for n in lengths]
-    vs = [torch.randn(1, 2, n, 8, generator=g).to(dtype) for n in lengths]
-    for table, k, v in zip(tables, ks, vs, strict=True):  # the cached part goes in directly
-        for p in range(k.shape[2] - 1):
-            pool.k[0, table[p // bs], p % bs] = k[0, :, p]
-            pool.v[0, table[p // bs], p % bs] = v[0, :, p]
-    width = max(len(t) for t in tables)
-    k_pos = torch.arange(width * bs)
-    attn = PagedAttention(pool, num_heads=4, window=None, decode_chunk_bytes=chunk_bytes)
-    attn.set_context(StepContext(
-        slot_mapping=torch.tensor([t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lengths, strict=True)]),
-        block_ids=torch.tensor([b for t in tables for b in t + [0] * (width - len(t))]),
-        mask=(k_pos[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :],
-        batch=len(lengths),
-    ))
-    q = torch.randn(1, 4, len(lengths), 8, generator=g).to(dtype)
-    new_k = torch.cat([k[:, :, -1:] for k in ks], dim=2)
-    new_v = torch.cat([v[:, :, -1:] for v in vs], dim=2)
-    out = attn(0, q, new_k, new_v)
-    for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
-        want = attend(q[:, :, i : i + 1].float(), k.float(), v.float(), None)
-        tol = 1e-6 if dtype == torch.float32 else 3e-2
-        assert torch.allclose(out[:, :, i : i + 1].float(), want, atol=tol), (i, dtype)
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_engine_keeps_freed_memory_with_glibc():
     from medlava.engine.host_memory import keep_freed_memory
 
     assert keep_freed_memory() is True and keep_freed_memory() is True  # once, then a no-op
-
-
-def test_shared_prefixes_group_decode_sequences_by_their_common_full_blocks(monkeypatch):
-    from medlava.engine import paged_attention
-    from medlava.engine.paged_attention import shared_prefixes
-
-    monkeypatch.setattr(paged_attention, "MIN_SHARED_TOKENS", 8)
-    tables = [[7, 8, 9, 20], [7, 8, 9, 21], [7, 8, 22], [3, 4, 5], [7, 8, 9, 23], [30, 31]]
-    lengths = [15, 16, 12, 10, 13, 8]
-    # 0, 1 and 4 share blocks 7, 8, 9; 2 shares only 7, 8 with them and is left alone, as are 3 and 5.
-    assert shared_prefixes(tables, lengths, 4) == [(3, [0, 1, 4])]
-    # A block all share (a system prompt) does not hide the deeper groups (two images).
-    system = [[1, 10, 11, 50], [1, 10, 11, 51], [1, 20, 21, 52], [1, 20, 21, 53], [1, 60, 61]]
-    assert sorted(shared_prefixes(system, [16, 16, 16, 16, 12], 4)) == [(3, [0, 1]), (3, [2, 3])]
-    # A block holding a sequence's newest token is never shared: 2's newest (position 8) is in block 22,
-    # 0's would be in block 9 at length 9, which caps the group at its first two blocks as well.
-    assert shared_prefixes([[7, 8, 9], [7, 8, 9, 4]], [9, 16], 4) == [(2, [0, 1])]
-    assert shared_prefixes([[7, 8, 9], [7, 8, 9, 4]], [5, 16], 4) == []  # one block: under 8 tokens

@@ -12,19 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
+from medlava import kernels
 from medlava.engine.host_memory import available_bytes
 from medlava.engine.image_cache import VisionCache
 from medlava.engine.paged_attention import (
+    KernelPlan,
     KVCachePool,
     PagedAttention,
     PrefillSeq,
-    SharedPrefixes,
     StepContext,
     shared_prefixes,
 )
 from medlava.engine.sampling import sample_batch
 from medlava.engine.sequence import Sequence
-from medlava.model.decoder import Linear
+from medlava.model.decoder import pack_model
 from medlava.model.llava import LlavaModel
 
 
@@ -50,17 +51,12 @@ PACK_MEMORY_FRACTION = 0.5  # packed copies may take at most this share of the m
 
 
 def pack_linears(model: LlavaModel) -> bool:
-    """Give the bfloat16 decoder.Linear layers their weight in oneDNN's layout (faster inference,
-    bit-identical). The packed copy sits beside the plain weight, which autograd and the embedding
-    still use, so packing happens only where the copies fit in half the memory still available:
+    """Give the model's Linear layers oneDNN-packed copies for inference (`decoder.pack_model`:
+    faster, bfloat16 bit-identical). The copies sit beside the plain weights, which autograd and the
+    embedding still use, so packing happens only where they fit in half the memory still available:
     a model that barely fits in memory once is left as it is. Returns whether the model is packed."""
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    todo = [m for m in linears if m.needs_packing]
     available = available_bytes()
-    if todo and (available is None or sum(m.weight.nbytes for m in todo) <= PACK_MEMORY_FRACTION * available):
-        for m in todo:
-            m.pack()
-    return any(m.packed is not None for m in linears)
+    return pack_model(model, None if available is None else int(PACK_MEMORY_FRACTION * available))
 
 
 class ModelRunner:
@@ -77,8 +73,13 @@ class ModelRunner:
         self.packed_weights = pack_linears(model)
         self.device = model.device
         self.block_size = block_size
-        self.pool = KVCachePool(cfg.text, num_blocks, block_size, model.dtype, model.device)
-        self.attn = PagedAttention(self.pool, cfg.text.num_attention_heads, cfg.text.sliding_window)
+        self.kernels = kernels.ops() if self.device.type == "cpu" else None
+        self.pool = KVCachePool(
+            cfg.text, num_blocks, block_size, model.dtype, model.device, head_major=self.kernels is not None
+        )
+        self.attn = PagedAttention(
+            self.pool, cfg.text.num_attention_heads, cfg.text.sliding_window, kernels=self.kernels
+        )
         self.window = cfg.text.sliding_window
         self.vision_cache = VisionCache(vision_cache_size) if vision_cache_size > 0 else None
         self.stats = RunnerStats()
@@ -152,6 +153,10 @@ class ModelRunner:
         if placeholders:
             mask[0, self._tensor(placeholders)] = True
         ctx = StepContext(slot_mapping=self._tensor(slots), prefill=plan)
+        if self.kernels is not None:
+            ctx.kernel = KernelPlan.build(
+                [s.block_table for s in seqs], [p.kv_len for p in plan], [p.q_len for p in plan], [], bs, self.device
+            )
         return self._tensor([ids]), self._tensor([positions]), self._tensor(last), feats, mask, ctx
 
     def _attn_pairs(self, start: int, end: int) -> int:
@@ -167,50 +172,28 @@ class ModelRunner:
         b = len(seqs)
         lens = [len(s) for s in seqs]
         positions = [n - 1 for n in lens]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
-        # A sliding window that cuts into a context masks by absolute position: no shared prefixes then.
+        tables = [s.block_table for s in seqs]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
         windowed = self.window is not None and max(lens) > self.window
-        cascade = not windowed and self.device.type == "cpu"
-        groups = shared_prefixes([s.block_table for s in seqs], lens, bs) if cascade else []
-        skip = [0] * b  # leading blocks a sequence attends over with its group
-        for n, members in groups:
-            for i in members:
-                skip[i] = n
-        own = [s.block_table[k:] for s, k in zip(seqs, skip, strict=True)]
-        block_ids, mask = self._padded(own, [n - k * bs for n, k in zip(lens, skip, strict=True)])
-        if windowed:
-            k_pos = torch.arange(mask.shape[1], device=self.device)
-            mask &= k_pos[None, :] > (self._tensor(lens) - 1 - self.window)[:, None]
-            self.stats.decode_attn_pairs += sum(min(n, self.window) for n in lens)
-        else:
-            self.stats.decode_attn_pairs += sum(lens)
+        self.stats.decode_attn_pairs += sum(min(n, self.window) for n in lens) if windowed else sum(lens)
         self.stats.decode_tokens += b
-        ctx = StepContext(
-            slot_mapping=self._tensor(slots),
-            block_ids=block_ids,
-            mask=mask[:, None, None, :],
-            batch=b,
-            shared=self._shared(seqs, groups) if groups else None,
-        )
+        ctx = StepContext(slot_mapping=self._tensor(slots))
+        if self.kernels is not None:
+            # Shared leading blocks are read once per group; a window cutting into the contexts
+            # would make most of them unseen, so then there are no groups.
+            groups = [] if windowed else shared_prefixes(tables, lens, bs)
+            ctx.kernel = KernelPlan.build(tables, lens, [1] * b, groups, bs, self.device)
+        else:
+            width = max(len(t) for t in tables)
+            ctx.block_ids = self._tensor([t + [0] * (width - len(t)) for t in tables]).flatten()
+            k_pos = torch.arange(width * bs, device=self.device)[None, :]
+            mask = k_pos < self._tensor(lens)[:, None]
+            if windowed:
+                mask &= k_pos > (self._tensor(lens) - 1 - self.window)[:, None]
+            ctx.mask = mask[:, None, None, :]
         ids = self._tensor([[s.last_token for s in seqs]])
         no_images = torch.zeros(1, b, dtype=torch.bool, device=self.device)  # generated ids are never placeholders
         return ids, self._tensor([positions]), None, None, no_images, ctx
-
-    def _padded(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block tables padded to one width, flattened, and the [n, width * block_size] mask of the
-        first `lengths` slots of each."""
-        width = max(len(t) for t in tables)
-        block_ids = self._tensor([t + [0] * (width - len(t)) for t in tables]).flatten()
-        k_pos = torch.arange(width * self.block_size, device=self.device)
-        return block_ids, k_pos[None, :] < self._tensor(lengths)[:, None]
-
-    def _shared(self, seqs: list[Sequence], groups: list[tuple[int, list[int]]]) -> SharedPrefixes:
-        tables = [seqs[members[0]].block_table[:n] for n, members in groups]
-        block_ids, mask = self._padded(tables, [n * self.block_size for n, _ in groups])
-        where = [(g, m, i) for g, (_, members) in enumerate(groups) for m, i in enumerate(members)]
-        group, member, seq = (self._tensor(list(col)) for col in zip(*where, strict=True))
-        members = max(len(m) for _, m in groups)
-        return SharedPrefixes(block_ids, mask[:, None, None, :], group, member, seq, members)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence], plan: list[PrefillSeq]) -> None:
         """Log-probability of each prompt token given the ones before it, for sequences that asked.

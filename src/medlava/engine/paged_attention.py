@@ -2,14 +2,15 @@
 
 One step's tokens from all sequences arrive packed in a single [1, T] row. For every layer the
 backend first writes each new token's K/V into its slot (block id * block_size + offset), then
-attends each query causally over its own sequence's cached K/V, found through its block table:
+attends each query causally over its own sequence's cached K/V, found through its block table.
+
+On the CPU that is one call of medlava's kernel (csrc/paged_attention.cpp) per layer, for prefill
+and decode alike: it reads K/V straight out of the pool, and decode sequences that share their
+first KV blocks (questions about one image) read those blocks once, together (cascade attention).
+Elsewhere (CUDA, or a CPU without a C++ compiler) the portable torch path runs:
 
 - decode (one new token per sequence): all sequences at once, K/V gathered into a padded
-  [B, L] buffer with a length mask, one flash-attention call (on CPU, in groups of sequences
-  whose gathered K/V fits in cache, so the copy is read back from cache rather than memory).
-  Sequences that share their first KV blocks (questions about one image) attend over those
-  blocks together, reading them once, and over the rest of their own; the two parts are merged
-  by their log-sum-exps (cascade attention: the same softmax, summed in two pieces);
+  [B, L] buffer with a length mask, one `scaled_dot_product_attention` call;
 - prefill: sequence by sequence; a sequence with no cached prefix attends over its own fresh
   K/V exactly as `decoder.attend` does, one with a cache hit over its gathered context.
 
@@ -29,17 +30,40 @@ from medlava.model.decoder import attend
 
 
 class KVCachePool:
-    """K and V for every layer in preallocated [layers, num_blocks, block_size, kv_heads, head_dim] tensors."""
+    """K and V for every layer in preallocated tensors, in one of two layouts:
+
+    - token-major (the portable torch path): K and V [layers, blocks, block_size, kv_heads, head_dim];
+    - head-major (the CPU kernel): K [layers, blocks, kv_heads, head_dim, block_size] and
+      V [layers, blocks, kv_heads, block_size, head_dim], so that one KV head's keys in a block
+      are a [head_dim, block_size] tile (tokens are the vector lanes of q.k) and its values a
+      [block_size, head_dim] tile.
+    """
 
     ZERO_CHUNK = 64  # blocks zeroed at a time
 
-    def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
-        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+    def __init__(
+        self, cfg: TextConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device, head_major: bool = False
+    ):
+        layers, kh, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        if head_major:
+            k_shape, v_shape = (layers, num_blocks, kh, hd, block_size), (layers, num_blocks, kh, block_size, hd)
+        else:
+            k_shape = v_shape = (layers, num_blocks, block_size, kh, hd)
+        self.k = torch.empty(k_shape, dtype=dtype, device=device)
+        self.v = torch.empty(v_shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size, self.head_major = num_blocks, block_size, head_major
+        self.kv_heads, self.head_dim = kh, hd
         self.zeroed = 0  # blocks [0, zeroed) hold finite values
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one step's K and V ([T, kv_heads, head_dim]) of `layer` in their slots (block * block_size + offset)."""
+        if self.head_major:
+            blocks, offsets = slots // self.block_size, slots % self.block_size
+            self.k[layer].permute(0, 3, 1, 2).index_put_((blocks, offsets), k)
+            self.v[layer].transpose(1, 2).index_put_((blocks, offsets), v)
+        else:
+            self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
+            self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
 
     def ensure_zeroed(self, block_id: int) -> None:
         """Zero blocks up to `block_id` before first use. Attention reads unused slots (masked out,
@@ -71,7 +95,8 @@ class PrefillSeq:
     block_table: torch.Tensor | None  # [n_blocks] when it has a cached prefix, else None
 
 
-MIN_SHARED_TOKENS = 32  # a shorter shared prefix is not worth its own attention call
+MIN_SHARED_TOKENS = 32  # a shorter shared prefix saves too little reading to be worth a group
+MAX_GROUP = 16  # members per group: larger groups are split, so that a prefix shared by all still spreads over threads
 
 
 def shared_prefixes(tables: list[list[int]], lengths: list[int], block_size: int) -> list[tuple[int, list[int]]]:
@@ -79,7 +104,8 @@ def shared_prefixes(tables: list[list[int]], lengths: list[int], block_size: int
     (shared blocks, sequence indices): each sequence joins the deepest group of two or more
     that shares its leading blocks (so a system prompt shared by all does not hide the image
     each four of them share). Only full blocks before each one's newest token count (the newest
-    token's K/V is written this step); groups share at least MIN_SHARED_TOKENS."""
+    token's K/V is written this step); groups share at least MIN_SHARED_TOKENS and have at most
+    MAX_GROUP members."""
     limits = [(n - 1) // block_size for n in lengths]
     groups: list[tuple[int, list[int]]] = []
 
@@ -95,146 +121,109 @@ def shared_prefixes(tables: list[list[int]], lengths: list[int], block_size: int
                 went.update(sub)
         rest = [i for i in members if i not in went]
         if len(rest) > 1 and depth * block_size >= MIN_SHARED_TOKENS:
-            groups.append((depth, rest))
+            n_parts = -(-len(rest) // MAX_GROUP)
+            groups.extend((depth, rest[k::n_parts]) for k in range(n_parts) if len(rest[k::n_parts]) > 1)
 
     split(list(range(len(tables))), 0)
     return groups
 
 
 @dataclass
-class SharedPrefixes:
-    """Decode sequences attending over shared leading blocks together (see `shared_prefixes`)."""
+class KernelPlan:
+    """A step's sequences as the CPU kernel reads them (int32 tensors): block tables [S, width],
+    tokens cached after the step [S], where each one's queries start in the packed row [S + 1],
+    and groups: the sequences order[group_starts[g]:group_starts[g + 1]] share their first
+    shared_lens[g] tokens (whole blocks)."""
 
-    block_ids: torch.Tensor  # [G * max_blocks] each group's shared blocks, padded, flattened
-    mask: torch.Tensor  # [G, 1, 1, max_blocks * block_size] True = a shared slot of that group (additive once set)
-    group: torch.Tensor  # [S] the group of each sequence that has one
-    member: torch.Tensor  # [S] its place in the group
-    seq: torch.Tensor  # [S] its place in the batch
-    members: int  # the largest group's size
+    block_tables: torch.Tensor
+    kv_lens: torch.Tensor
+    q_starts: torch.Tensor
+    order: torch.Tensor
+    group_starts: torch.Tensor
+    shared_lens: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, tables: list[list[int]], kv_lens: list[int], q_lens: list[int], groups: list[tuple[int, list[int]]],
+        block_size: int, device,
+    ) -> KernelPlan:
+        """`groups` as `shared_prefixes` gives them; every other sequence is a group of its own."""
+        width = max(len(t) for t in tables)
+        grouped = {i for _, members in groups for i in members}
+        parts = [(n * block_size, members) for n, members in groups]
+        parts += [(0, [i]) for i in range(len(tables)) if i not in grouped]
+        starts = [0]
+        for _, members in parts:
+            starts.append(starts[-1] + len(members))
+        q_starts = [0]
+        for n in q_lens:
+            q_starts.append(q_starts[-1] + n)
+
+        def int32(data) -> torch.Tensor:
+            return torch.tensor(data, dtype=torch.int32, device=device)
+
+        return cls(
+            int32([t + [0] * (width - len(t)) for t in tables]), int32(kv_lens), int32(q_starts),
+            int32([i for _, members in parts for i in members]), int32(starts), int32([n for n, _ in parts]),
+        )
 
 
 @dataclass
 class StepContext:
     slot_mapping: torch.Tensor  # [T] slot of each packed token
+    kernel: KernelPlan | None = None  # set: the CPU kernel attends (prefill and decode alike)
     prefill: list[PrefillSeq] | None = None
-    # decode only; with `shared`, block_ids and mask cover each sequence's blocks after its shared ones
+    # the torch path's decode: padded block tables and the mask of each sequence's slots
     block_ids: torch.Tensor | None = None  # [B * max_blocks] padded block tables, flattened
-    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend (additive once set)
-    batch: int = 0
-    shared: SharedPrefixes | None = None
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask (True = attend) as the additive one (0 / -inf) the CPU flash kernel takes."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] True = attend
 
 
 class PagedAttention:
-    """An `AttentionBackend` over a `KVCachePool`; `set_context` before each forward."""
+    """An `AttentionBackend` over a `KVCachePool`; `set_context` before each forward. A context
+    with a `KernelPlan` is attended by `kernels.paged_attention` (medlava/kernels), one without
+    by the portable torch path."""
 
-    def __init__(self, pool: KVCachePool, num_heads: int, window: int | None, decode_chunk_bytes: int | None = None):
+    def __init__(self, pool: KVCachePool, num_heads: int, window: int | None, kernels=None):
         self.pool = pool
         self.num_heads = num_heads
         self.window = window
-        if decode_chunk_bytes is None:  # CPU: keep each group's gathered K/V within the last-level cache
-            decode_chunk_bytes = 4 << 20 if pool.k.device.type == "cpu" else 1 << 62
-        self.decode_chunk_bytes = decode_chunk_bytes
+        self.kernels = kernels
         self.ctx: StepContext | None = None
-        self._buf_k: torch.Tensor | None = None
-        self._buf_v: torch.Tensor | None = None
 
     def set_context(self, ctx: StepContext | None) -> None:
-        if ctx is not None and ctx.mask is not None:  # decode: additive masks, built once per step, not per layer
-            ctx.mask = additive_mask(ctx.mask, self.pool.k.dtype)
-            if ctx.shared is not None:
-                ctx.shared.mask = additive_mask(ctx.shared.mask, self.pool.k.dtype)
         self.ctx = ctx
 
-    def _gather_buffers(self, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reused gather buffers of at least n_blocks blocks (grown, never shrunk)."""
-        if self._buf_k is None or self._buf_k.shape[0] < n_blocks:
-            shape = (n_blocks, *self.pool.k.shape[2:])
-            self._buf_k = torch.empty(shape, dtype=self.pool.k.dtype, device=self.pool.k.device)
-            self._buf_v = torch.empty_like(self._buf_k)
-        return self._buf_k[:n_blocks], self._buf_v[:n_blocks]
-
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ctx = self.ctx
-        pool = self.pool
+        ctx, pool = self.ctx, self.pool
         kh, hd = pool.kv_heads, pool.head_dim
         k_pool, v_pool = pool.k[layer], pool.v[layer]
-        # q [1, H, T, D]; k, v [1, KVH, T, D] -> slots [T, KVH, D]
-        k_pool.view(-1, kh, hd).index_copy_(0, ctx.slot_mapping, k[0].transpose(0, 1))
-        v_pool.view(-1, kh, hd).index_copy_(0, ctx.slot_mapping, v[0].transpose(0, 1))
-        if ctx.prefill is None:
-            return self._decode(q, k_pool, v_pool)
+        # q [1, H, T, D]; k, v [1, KVH, T, D] -> [T, KVH, D], stored in the pool at their slots
+        k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        if ctx.kernel is not None:  # the kernel stores them, then attends
+            p = ctx.kernel
+            out = self.kernels.paged_attention(
+                q[0].transpose(0, 1), k, v, ctx.slot_mapping, k_pool, v_pool, p.block_tables, p.kv_lens,
+                p.q_starts, p.order, p.group_starts, p.shared_lens, self.window or 0, hd**-0.5,
+            )
+            return out.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+        pool.write(layer, ctx.slot_mapping, k, v)
+        if ctx.prefill is None:  # decode: each sequence's one query over its gathered K/V
+            b, rows = q.shape[2], self.num_heads // kh
+            # Grouped-query attention without repeating K/V: the H/KVH query heads sharing a KV head
+            # become that head's "queries" (all at the same position, so the same mask row).
+            qg = q[0].transpose(0, 1).reshape(b, kh, rows, hd)
+            keys = k_pool.index_select(0, ctx.block_ids).view(b, -1, kh, hd).transpose(1, 2)
+            values = v_pool.index_select(0, ctx.block_ids).view(b, -1, kh, hd).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=ctx.mask)
+            return out.reshape(b, self.num_heads, hd).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
         outs = []
         for s in ctx.prefill:
             q_i = q[:, :, s.q_start : s.q_start + s.q_len]
             if s.block_table is None:  # nothing cached before: attend over its own fresh K/V
-                k_i = k[:, :, s.q_start : s.q_start + s.q_len]
-                v_i = v[:, :, s.q_start : s.q_start + s.q_len]
+                k_i = k[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
+                v_i = v[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
             else:
                 k_i = k_pool.index_select(0, s.block_table).flatten(0, 1)[: s.kv_len].transpose(0, 1)[None]
                 v_i = v_pool.index_select(0, s.block_table).flatten(0, 1)[: s.kv_len].transpose(0, 1)[None]
             outs.append(attend(q_i, k_i, v_i, self.window))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        ctx = self.ctx
-        b, h = ctx.batch, self.num_heads
-        kh, hd = self.pool.kv_heads, self.pool.head_dim
-        rows = h // kh
-        # Grouped-query attention without repeating K/V: the H/KVH query heads sharing a KV head
-        # become that head's "queries" (all at the same position, so the same mask row).
-        qg = q[0].transpose(0, 1).reshape(b, kh, rows, hd)
-        out, lse = self._paged(qg, k_pool, v_pool, ctx.block_ids, ctx.mask)
-        sp = ctx.shared
-        if sp is not None:  # the shared blocks, once per group, with all its members' queries
-            n_groups = sp.mask.shape[0]
-            qs = qg.new_zeros(n_groups, sp.members, kh, rows, hd)
-            qs[sp.group, sp.member] = qg[sp.seq]
-            qs = qs.transpose(1, 2).reshape(n_groups, kh, sp.members * rows, hd)
-            o_s, lse_s = self._paged(qs, k_pool, v_pool, sp.block_ids, sp.mask)
-            o_s = o_s.view(n_groups, kh, sp.members, rows, hd).transpose(1, 2)[sp.group, sp.member]
-            lse_s = lse_s.view(n_groups, kh, sp.members, rows).transpose(1, 2)[sp.group, sp.member]
-            o_own, lse_own = out[sp.seq], lse[sp.seq]
-            top = torch.maximum(lse_s, lse_own)
-            w_s, w_own = (lse_s - top).exp().unsqueeze(-1), (lse_own - top).exp().unsqueeze(-1)
-            out[sp.seq] = ((o_s.float() * w_s + o_own.float() * w_own) / (w_s + w_own)).to(out.dtype)
-        return out.reshape(b, h, hd).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
-
-    def _paged(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_ids: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of q [n, KVH, rows, D] over the blocks of each of the n block tables
-        (block_ids [n * width]), masked by the additive mask [n, 1, 1, width * block_size]; returns the output
-        [n, KVH, rows, D] and its log-sum-exp [n, KVH, rows] (float32; None off the CPU)."""
-        n = q.shape[0]
-        kh, hd = self.pool.kv_heads, self.pool.head_dim
-        width = block_ids.shape[0] // n  # blocks per (padded) table
-        per_seq = 2 * k_pool[0].nbytes * width
-        group = max(1, min(n, self.decode_chunk_bytes // per_seq))
-        buf_k, buf_v = self._gather_buffers(group * width)
-        outs, lses = [], []
-        for s in range(0, n, group):
-            e = min(n, s + group)
-            ids = block_ids[s * width : e * width]
-            bk, bv = buf_k[: (e - s) * width], buf_v[: (e - s) * width]
-            torch.index_select(k_pool, 0, ids, out=bk)
-            torch.index_select(v_pool, 0, ids, out=bv)
-            keys = bk.view(e - s, -1, kh, hd).transpose(1, 2)  # [n, KVH, L, D]
-            values = bv.view(e - s, -1, kh, hd).transpose(1, 2)
-            if q.device.type == "cpu":  # what scaled_dot_product_attention runs, with the log-sum-exp it drops
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q[s:e], keys, values, 0.0, False, attn_mask=mask[s:e]
-                )[:2]
-            else:  # no shared prefixes off the CPU (ModelRunner): the log-sum-exp is not needed
-                out, lse = F.scaled_dot_product_attention(q[s:e], keys, values, attn_mask=mask[s:e]), None
-            outs.append(out)
-            lses.append(lse)
-        if len(outs) == 1:
-            return outs[0], lses[0]
-        return torch.cat(outs), (None if lses[0] is None else torch.cat(lses))

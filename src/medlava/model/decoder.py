@@ -12,7 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medlava import kernels
 from medlava.model.config import TextConfig
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_ops(x: torch.Tensor):
+    """medlava's fused CPU ops (medlava/kernels) where they apply to x: inference (no autograd) on
+    the CPU in a float dtype they take; None elsewhere, and the plain torch code below runs."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in FUSED_DTYPES:
+        return None
+    return kernels.ops()
 
 
 class AttentionBackend(Protocol):
@@ -43,54 +54,92 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` with two CPU inference paths that give the same results faster.
+class PackedWeights:
+    """A copy of the weights of one or more Linear layers that read the same input, side by side
+    (one GEMM instead of several: q/k/v, gate/up), that oneDNN has reordered into its blocked
+    layout once rather than on every call, as vLLM does on the CPU: 1.2-2.5x faster at decode
+    batch sizes (docs/BENCHMARKS.md). bfloat16 results equal `F.linear`'s bit for bit; float32
+    ones differ by rounding (oneDNN's fp32 GEMM is not MKL's). Only inference (no autograd) on
+    the CPU uses it, and only while every layer's weight is still the one it was made from."""
 
-    - bfloat16, after `pack()`: inference (no autograd) multiplies by a copy of the weight that
-      oneDNN has reordered into its blocked layout once, instead of reordering it on every call:
-      bit-identical outputs, 1.3-1.9x faster at decode batch sizes (docs/BENCHMARKS.md). Autograd
-      (training, relevance maps) keeps using `weight`, and a weight changed or moved after
-      packing drops the stale copy.
-    - float32, a few rows: computed as (W @ x^T)^T, the same products and sums in another operand
-      order, for which the BLAS picks a 10-35 % faster kernel at decode-sized inputs (in bfloat16
-      the swap gains nothing and is up to 3x slower for some shapes).
-    """
+    def __init__(self, layers: list[Linear]):
+        self.layers = layers
+        self.sizes = [m.out_features for m in layers]
+        self.dtype = layers[0].weight.dtype
+        self.states = [m.weight_state() for m in layers]
+        with torch.no_grad():
+            w = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
 
-    FEW_ROWS = 256
-    packed: torch.Tensor | None = None
-    _packed_from: tuple | None = None  # (storage, version) of the weight the copy was made from
-
-    def _weight_state(self) -> tuple:
-        return self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device
-
-    @property
-    def needs_packing(self) -> bool:
-        """A bfloat16 CPU weight without bias that has no up-to-date packed copy (oneDNN present)."""
-        w = self.weight
-        if self.packed is not None and self._packed_from == self._weight_state():
-            return False
-        return w.device.type == "cpu" and w.dtype == torch.bfloat16 and self.bias is None and (
-            torch.backends.mkldnn.is_available()
+    @staticmethod
+    def packable(layers: list[Linear]) -> bool:
+        """float32 or bfloat16 CPU weights of one dtype (several layers: without biases), oneDNN present."""
+        w = layers[0].weight
+        return torch.backends.mkldnn.is_available() and w.dtype in (torch.float32, torch.bfloat16) and all(
+            m.weight.device.type == "cpu" and m.weight.dtype == w.dtype and (len(layers) == 1 or m.bias is None)
+            for m in layers
         )
 
-    def pack(self) -> None:
-        """Reorder the weight for inference where `needs_packing`; a no-op otherwise."""
-        if self.needs_packing:
-            with torch.no_grad():
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-            self._packed_from = self._weight_state()
+    def fresh(self) -> bool:
+        return [m.weight_state() for m in self.layers] == self.states
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.layers[0].bias if len(self.layers) == 1 else None
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [None], "")
+
+
+def packed_for(owner: nn.Module, attr: str, x: torch.Tensor) -> PackedWeights | None:
+    """owner's PackedWeights `attr` where it applies to x (inference, its dtype), else None; a
+    copy made from weights that have changed since (a LoRA merge, training) is dropped."""
+    packed = getattr(owner, attr)
+    if packed is None or torch.is_grad_enabled() or x.dtype != packed.dtype:
+        return None
+    if not packed.fresh():
+        setattr(owner, attr, None)
+        return None
+    return packed
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` with an optional `PackedWeights` copy for inference (`pack_model`)."""
+
+    packed: PackedWeights | None = None
+
+    def weight_state(self) -> tuple:
+        return self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled() and x.dtype == self.weight.dtype:
-            if self._packed_from == self._weight_state():
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "")
-            self.packed = self._packed_from = None  # the weight changed since: the copy is stale
-        rows = x.numel() // x.shape[-1]
-        fp32_cpu = x.dtype == torch.float32 and x.device.type == "cpu"
-        if self.bias is not None or not fp32_cpu or not 1 < rows <= self.FEW_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-        return y.view(*x.shape[:-1], y.shape[-1])
+        packed = packed_for(self, "packed", x)
+        return packed(x) if packed is not None else F.linear(x, self.weight, self.bias)
+
+
+def packing_groups(model: nn.Module) -> list[tuple[nn.Module, str, list[Linear]]]:
+    """What `pack_model` packs, as (owner, attribute, layers): each attention's q/k/v and each
+    MLP's gate/up as one GEMM where they can be, every other decoder.Linear on its own."""
+    groups, grouped = [], set()
+    for m in model.modules():
+        layers = [m.q_proj, m.k_proj, m.v_proj] if isinstance(m, Attention) else (
+            [m.gate_proj, m.up_proj] if isinstance(m, SwiGLU) else None
+        )
+        if layers is not None and PackedWeights.packable(layers):
+            groups.append((m, "fused", layers))
+            grouped.update(id(x) for x in layers)
+    groups += [(m, "packed", [m]) for m in model.modules() if isinstance(m, Linear) and id(m) not in grouped]
+    return groups
+
+
+def pack_model(model: nn.Module, budget_bytes: int | None = None) -> bool:
+    """Give the model's Linear layers `PackedWeights` copies (see `packing_groups`) where they have
+    none up to date, if the new copies fit in `budget_bytes` (None: no limit); returns whether the
+    model is packed. The copies sit beside the plain weights, which autograd still uses."""
+    groups = [g for g in packing_groups(model) if PackedWeights.packable(g[2])]
+    todo = [(owner, attr, layers) for owner, attr, layers in groups
+            if getattr(owner, attr) is None or not getattr(owner, attr).fresh()]
+    need = sum(m.weight.nbytes for _, _, layers in todo for m in layers)
+    if todo and (budget_bytes is None or need <= budget_bytes):
+        for owner, attr, layers in todo:
+            setattr(owner, attr, PackedWeights(layers))
+    return bool(groups) and all(getattr(owner, attr) is not None for owner, attr, _ in groups)
 
 
 class RMSNorm(nn.Module):
@@ -99,14 +148,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the norm of x + delta, x + delta): a layer's output `delta` joins the residual stream
+        `x` first (in one pass with the norm, where the fused ops run)."""
+        ops = fused_ops(x)
+        if ops is not None and self.weight.dtype == x.dtype:
+            return ops.rms_norm(x.contiguous(), self.weight, self.eps, None if delta is None else delta.contiguous())
+        if delta is not None:
+            x = x + delta
         # Normalise in float32 as the reference implementations do, then scale in the model dtype.
         # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one fused pass.
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * h.to(x.dtype), x
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin [..., head_dim] of the rotary embedding at `positions` [...], in `dtype`."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -120,6 +177,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    fused: PackedWeights | None = None  # q/k/v as one GEMM (pack_model)
+
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -132,16 +191,31 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.heads * self.head_dim, d, bias=bias)
 
     def forward(self, x, cos, sin, backend: AttentionBackend | None) -> torch.Tensor:
+        """x [B, T, hidden]; cos, sin [B, T, head_dim]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        fused = packed_for(self, "fused", x)
+        if fused is not None:  # views into one GEMM's output
+            q, k, v = fused(x).split(fused.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        ops = fused_ops(x)
+        if ops is not None and cos.dtype == q.dtype:  # rotated in place, in one pass over q and k
+            cos, sin = (c.expand(b, t, -1).reshape(b * t, -1) for c in (cos, sin))
+            ops.rotary_(q.view(b * t, self.heads, -1), k.view(b * t, self.kv_heads, -1), cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+            q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         out = attend(q, k, v, self.window) if backend is None else backend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class SwiGLU(nn.Module):
+    fused: PackedWeights | None = None  # gate/up as one GEMM (pack_model)
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         if cfg.hidden_act != "silu":
@@ -151,7 +225,11 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused, ops = packed_for(self, "fused", x), fused_ops(x)
+        if fused is not None and ops is not None:  # [gate | up] from one GEMM, silu(gate) * up in one pass
+            return self.down_proj(ops.silu_and_mul(fused(x)))
+        gate, up = fused(x).chunk(2, dim=-1) if fused is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -162,9 +240,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, delta, cos, sin, backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x and the last layer's output delta (None before the first layer) in,
+        the stream and this layer's output out: each output joins the stream in the next norm."""
+        h, x = self.input_layernorm(x, delta)
+        h, x = self.post_attention_layernorm(x, self.self_attn(h, cos, sin, backend))
+        return x, self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -181,8 +262,7 @@ class Decoder(nn.Module):
         self, embeds: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend | None = None
     ) -> torch.Tensor:
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-        x = embeds
+        x, delta = embeds, None
         for layer in self.layers:
-            x = layer(x, cos, sin, backend)
-        return self.norm(x)
+            x, delta = layer(x, delta, cos, sin, backend)
+        return self.norm(x, delta)[0]

@@ -1,0 +1,72 @@
+"""medlava's own CPU kernels (csrc/), compiled on first use for the CPU they run on.
+
+torch has no paged attention for the CPU, so the engine brings one (`paged_attention.cpp`), and
+the decoder's chains of small elementwise ops run fused for inference (`fused.cpp`: RMSNorm with
+the residual add, rotary embeddings, SwiGLU), as vLLM's CPU build does with its own kernels.
+They are built with torch's C++ extension tooling the first time a process needs them (well under
+a minute; `make setup` does it ahead, and the build is cached under torch's extension folder,
+keyed by the sources and flags), with ATen's vector code for this CPU's instruction set. Where
+they cannot be built (no C++ compiler) or MEDLAVA_CPU_KERNELS=0, `ops()` returns None and the
+engine and the decoder use their portable torch code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "fused.cpp")]
+# ATen's vector code picks its instruction set from these macros (as torch's own CPU kernels do).
+CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+
+_ops = None
+_tried = False
+
+
+def ops():
+    """`torch.ops.medlava` once the kernels are built and loaded, else None (said once in the log)."""
+    global _ops, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("MEDLAVA_CPU_KERNELS", "1") == "0":
+            log.info("medlava CPU kernels off (MEDLAVA_CPU_KERNELS=0): using the portable torch code")
+        else:
+            try:
+                _ops = _build()
+            except Exception as exc:  # no compiler, no ninja, a failed build: run slower, not not at all
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                reason = next((line for line in lines if "error:" in line), lines[-1])  # a compiler's first error
+                log.warning("medlava CPU kernels unavailable (%s): using the portable torch code", reason.strip())
+    return _ops
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    # torch rebuilds when the sources or flags change; the digest makes a changed header count too.
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()))).hexdigest()[:16]
+    # No contraction of a * b + c into one fused multiply-add: the fused ops round as torch does.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", f"-DMEDLAVA_CSRC={digest}",
+             *CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])]
+    cpp_extension.load(
+        name=f"medlava_cpu_kernels_{capability.lower()}",
+        sources=[str(s) for s in SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.medlava
+
