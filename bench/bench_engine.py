@@ -10,6 +10,7 @@ tokens each), 64 output tokens per request (EOS ignored). For float32 and bfloat
   (c) medlava's `LLMEngine`, all requests submitted at once
   (d) with `--peer vllm`: vLLM CPU's `LLM.generate` on the same token ids and images, all at once,
       in its own virtual environment (bench/peers/, set up by bench/peers/setup_vllm.sh)
+  (c int8), (c int4) with `--quantization`: mode (c) on weight-only quantized decoder layers
 
 Each (mode, dtype) runs in its own subprocess so peak RSS is its own. TTFT counts from when a
 request is handed over: each `generate` call in (a) and (b), the common submit time in (c).
@@ -17,6 +18,7 @@ request is handed over: each `generate` call in (a) and (b), the common submit t
     python bench/bench_engine.py            # full run, writes docs/BENCHMARKS.md
     python bench/bench_engine.py --quick    # a small smoke run, prints only
     python bench/bench_engine.py --peer vllm   # adds mode (d)
+    python bench/bench_engine.py --quantization int8 --quantization int4   # adds quantized (c) rows
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 from medlava.errors import MedlavaError
+from medlava.model.quant import check_quantization
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,7 +336,8 @@ def decoder_flops(cfg) -> dict:
 
 
 def worker_engine(
-    folder: Path, dtype: str, n_images: int, out_tokens: int, max_batched: int, block_size: int
+    folder: Path, dtype: str, n_images: int, out_tokens: int, max_batched: int, block_size: int,
+    quantization: str | None = None,
 ) -> dict:
     import torch
 
@@ -342,7 +346,7 @@ def worker_engine(
     from medlava.model.loader import load_model
 
     inputs, reqs, extras = prepared(folder, n_images)
-    lm = load_model(folder, dtype=dtype)
+    lm = load_model(folder, dtype=dtype, quantization=quantization)
     # KV blocks for every request at full length, as if nothing were shared (+ the probes).
     num_blocks = sum(-(-(len(ids) + out_tokens) // block_size) for ids, _ in reqs) + 64
     engine = LLMEngine(
@@ -451,15 +455,19 @@ def run_benchmark(
     budget_s: float = 9 * 60,
     doc: str | Path = ROOT / "docs" / "BENCHMARKS.md",
     peer: str | None = None,
+    quantizations: tuple[str, ...] = (),
     log=print,
 ) -> dict:
-    """Run the benchmark; returns {dtype: {mode: results}}.
+    """Run the benchmark; returns {dtype: {mode: results}} (modes "a" to "d", and "c int8" etc.).
 
     Writes the doc only for the documented configuration (full workload, both dtypes, the
-    engine's default block size) unless `write` says otherwise. `peer="vllm"` adds mode (d).
+    engine's default block size) unless `write` says otherwise. `peer="vllm"` adds mode (d),
+    `quantizations` mode (c) on quantized weights.
     """
     if block_size < 1:
         raise MedlavaError(f"--block-size must be at least 1, got {block_size}")
+    for q in quantizations:
+        check_quantization(q)
     if peer is not None:
         peer_module(peer).check()  # before the first mode runs, not after ten minutes
     n_images = 4 if quick else 16
@@ -470,7 +478,7 @@ def run_benchmark(
     log(f"model: {folder} (building if absent)")
     build_model(folder)
     results: dict = {dtype: {} for dtype in dtypes}
-    modes = "abcd" if peer else "abc"
+    modes = [*("abcd" if peer else "abc"), *(f"c {q}" for q in quantizations)]
     runs: dict = {(dtype, key): [] for dtype in dtypes for key in modes}
     started = time.perf_counter()
     common = dict(folder=str(folder), n_images=n_images, out_tokens=out_tokens)
@@ -479,7 +487,7 @@ def run_benchmark(
         "b": dict(mode="b", subset=0, batch=16),
         "c": dict(mode="c", max_batched=max_batched, block_size=block_size),
         "d": dict(mode="d", peer=peer),
-    }
+    } | {f"c {q}": dict(mode="c", max_batched=max_batched, block_size=block_size, quantization=q) for q in quantizations}
     # The machine's speed drifts (other tenants, memory bandwidth): every mode runs once per
     # round, rounds interleave the modes, and each mode keeps its best run. A run that shared
     # its CPUs with other processes (background load >= 0.2 CPUs) only counts if no other did.
@@ -515,7 +523,7 @@ def _secs(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"  # vLLM reports no TTFT without its stats
 
 
-MODE_NAMES = {"a": "hf_one", "b": "hf_static", "c": "medlava", "d": "vllm"}  # in --json rows
+MODE_NAMES = {"a": "hf_one", "b": "hf_static", "c": "medlava", "d": "vllm"}  # in --json rows (c int8: medlava)
 
 
 def json_rows(results: dict) -> list[dict]:
@@ -524,8 +532,9 @@ def json_rows(results: dict) -> list[dict]:
     for dtype, modes in results.items():
         for key, r in modes.items():
             follow_up = r["follow_up_ttft_s"] / r["first_ttft_s"] if "follow_up_ttft_s" in r else None
+            mode, _, quantization = key.partition(" ")
             rows.append({
-                "mode": MODE_NAMES[key], "dtype": dtype, "quantization": None, "requests": r["requests"],
+                "mode": MODE_NAMES[mode], "dtype": dtype, "quantization": quantization or None, "requests": r["requests"],
                 "tok_per_s": r["tok_per_s"], "req_per_s": r["req_per_s"], "ttft_p50_s": r.get("ttft_p50_s"),
                 "ttft_p90_s": r.get("ttft_p90_s"), "follow_up_ttft_ratio": follow_up, "peak_rss_mb": r["peak_rss_mb"],
                 "background_cpus": r["background_cpus"],
@@ -546,13 +555,13 @@ def format_table(
         "b": "(b) HF generate, static batches of 16",
         "c": "(c) medlava engine, all at once",
         "d": "(d) vLLM CPU, all at once",
-    }
+    } | {key: f"(c) medlava engine, {key[2:]} weights" for modes in results.values() for key in modes if key.startswith("c ")}
     lines = [
         "| dtype | mode | requests | output tok/s | requests/s | TTFT p50 (s) | TTFT p90 (s) | peak RSS (MB) | background CPUs |",
         "|" + "---|" * 9,
     ]
     for dtype, modes in results.items():
-        for key in [k for k in "abcd" if k in modes]:
+        for key in [*(k for k in "abcd" if k in modes), *sorted(k for k in modes if k.startswith("c "))]:
             r = modes[key]
             lines.append(
                 f"| {dtype} | {names[key]} | {r['requests']} | {r['tok_per_s']:.1f} | {r['req_per_s']:.3f} | "
@@ -605,6 +614,17 @@ def format_table(
             )
         lines += ["", "(d)'s peak RSS adds up vLLM's processes (front end, engine core, worker); its prompts "
                   "were checked to be medlava's ids with 196 image tokens."]
+    quantized = [(dtype, key) for dtype, modes in results.items() for key in modes if key.startswith("c ")]
+    if quantized:
+        lines += ["", "| dtype | weights | output tok/s (vs c) | batch-1 decode tok/s (vs c) | peak RSS MB (vs c) |",
+                  "|" + "---|" * 5]
+        for dtype, key in quantized:
+            c, q = results[dtype]["c"], results[dtype][key]
+            lines.append(
+                f"| {dtype} | {key[2:]} | {q['tok_per_s']:.1f} ({q['tok_per_s'] / c['tok_per_s']:.2f}x) | "
+                f"{q['b1_decode_tok_per_s']:.1f} ({q['b1_decode_tok_per_s'] / c['b1_decode_tok_per_s']:.2f}x) | "
+                f"{q['peak_rss_mb']:.0f} ({q['peak_rss_mb'] / c['peak_rss_mb']:.2f}x) |"
+            )
     if quick:
         return "\n".join(lines + ["", "(--quick: a small workload; the targets apply to the full run)"])
     return "\n".join(lines + ["", "Targets:", "", *checks])
@@ -655,6 +675,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="the engine's KV block size (default 16)")
     parser.add_argument("--peer", choices=["vllm"], help="add mode (d): vLLM CPU (bash bench/peers/setup_vllm.sh first)")
     parser.add_argument("--json", action="store_true", help="print every row as JSON on stdout (the log goes to stderr)")
+    parser.add_argument("--quantization", action="append", choices=["int8", "int4"], help="add mode (c) on quantized weights (repeat)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -662,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = Path(w["folder"])
         if w["mode"] == "c":
             res = worker_engine(
-                folder, w["dtype"], w["n_images"], w["out_tokens"], w["max_batched"], w["block_size"]
+                folder, w["dtype"], w["n_images"], w["out_tokens"], w["max_batched"], w["block_size"],
+                w.get("quantization"),
             )
         elif w["mode"] == "d":
             res = worker_peer(folder, w["dtype"], w["n_images"], w["out_tokens"], w["peer"])
@@ -673,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     results = run_benchmark(
         args.quick, dtypes=tuple(args.dtype or ("float32", "bfloat16")), model_dir=args.model_dir, rounds=args.rounds,
-        block_size=args.block_size, peer=args.peer, log=log,
+        block_size=args.block_size, peer=args.peer, quantizations=tuple(args.quantization or ()), log=log,
     )
     if args.json:
         print(json.dumps(json_rows(results), indent=1))

@@ -53,6 +53,9 @@ def test_ask_plain_text_and_window(model_dir):
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--device", "tpu"], "unknown device"),
         (["bench", "--dtype", "float16"], "--dtype must be float32 or bfloat16"),
         (["bench", "--peer", "sglang"], "--peer must be vllm"),
+        (["bench", "--quantization", "fp8"], "unknown quantization 'fp8'"),
+        (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--quantization", "int3"],
+         "unknown quantization 'int3'"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--kv-cache-memory", "1K"],
          "holds no KV block"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--kv-cache-memory", "64K"],
@@ -66,6 +69,15 @@ def test_bad_input_exits_nonzero_with_one_line(model_dir, args, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_ask_runs_on_quantized_weights(model_dir, method):
+    model = model_dir("mistral-mlp2x-l1")
+    result = invoke("ask", SAMPLES / "chest_xray.png", "Where?", "--model", model, "--max-tokens", "4",
+                    "--quantization", method, "--json")
+    assert result.exit_code == 0, result.output
+    assert 1 <= len(json.loads(result.stdout)["token_ids"]) <= 4
 
 
 def test_kv_cache_memory_takes_sizes(model_dir):
@@ -114,12 +126,16 @@ def test_bench_quick_prints_the_table_and_json_rows(tmp_path):
     assert result.exit_code == 0, result.output
     assert "(c) medlava engine, all at once" in result.stdout and "follow-up TTFT / first" in result.stdout
 
-    result = invoke("bench", "--quick", "--dtype", "float32", "--model-dir", tmp_path / "model", "--json")
+    result = invoke("bench", "--quick", "--dtype", "float32", "--model-dir", tmp_path / "model", "--json",
+                    "--quantization", "int8")
     assert result.exit_code == 0, result.output
     assert "(c) medlava engine, all at once" in result.stderr  # the log, apart from the rows
+    assert "(c) medlava engine, int8 weights" in result.stderr
     rows = json.loads(result.stdout)
-    assert [(r["mode"], r["dtype"]) for r in rows] == [("hf_one", "float32"), ("hf_static", "float32"),
-                                                       ("medlava", "float32")]
+    assert [(r["mode"], r["dtype"], r["quantization"]) for r in rows] == [
+        ("hf_one", "float32", None), ("hf_static", "float32", None), ("medlava", "float32", None),
+        ("medlava", "float32", "int8"),
+    ]
     medlava = rows[2]
     assert medlava["tok_per_s"] > 0 and medlava["peak_rss_mb"] > 0 and 0 < medlava["follow_up_ttft_ratio"] < 1
-    assert all(r["quantization"] is None and r["ttft_p50_s"] > 0 for r in rows)
+    assert all(r["ttft_p50_s"] > 0 for r in rows)

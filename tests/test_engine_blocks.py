@@ -186,6 +186,6 @@ def test_vision_cache_is_lru_and_bounded():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_engine_keeps_freed_memory_with_glibc():
-    from medlava.engine.host_memory import keep_freed_memory
+    from medlava.host_memory import keep_freed_memory
 
     assert keep_freed_memory() is True and keep_freed_memory() is True  # once, then a no-op

@@ -19,6 +19,11 @@ VisionTowerOpt = Annotated[
 ConvOpt = Annotated[str | None, typer.Option(help="Prompt template (default: the model's own).")]
 WindowOpt = Annotated[str | None, typer.Option(help="CT window: lung, mediastinum, bone or brain.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the model's).")]
+QuantOpt = Annotated[
+    str | None,
+    typer.Option("--quantization", help="int8 or int4: the decoder layers' weights, weight-only (CPU; smaller, and "
+                 "faster one request at a time, slower in large batches)."),
+]
 MaxTokensOpt = Annotated[int, typer.Option(min=1)]
 TemperatureOpt = Annotated[float, typer.Option(min=0.0)]
 TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0)]
@@ -79,6 +84,7 @@ def ask(
     window: WindowOpt = None,
     conv_mode: ConvOpt = None,
     dtype: DtypeOpt = None,
+    quantization: QuantOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -96,6 +102,7 @@ def ask(
         model,
         vision_tower=vision_tower,
         dtype=dtype,
+        quantization=quantization,
         device=device,
         conv_mode=conv_mode,
         kv_cache_memory=kv_cache_memory,
@@ -271,6 +278,7 @@ def serve(
     ] = None,
     conv_mode: ConvOpt = None,
     dtype: DtypeOpt = None,
+    quantization: QuantOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
     ui: Annotated[bool, typer.Option("--ui", help="Also serve the web UI at /ui (Gradio, offline).")] = False,
@@ -285,7 +293,7 @@ def serve(
     from medlava.serve.api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_BYTES, create_app
 
     engine = run_guarded(AsyncLLMEngine, model, vision_tower=vision_tower, dtype=dtype, device=device,
-                         conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
+                         quantization=quantization, conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
     api = create_app(engine, api_keys=api_key or (), max_queue=max_queue,
                      max_image_bytes=max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
                      max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, ui=ui)
@@ -434,6 +442,9 @@ def bench(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print every row as JSON on stdout (the progress log goes to stderr).")
     ] = False,
+    quantization: Annotated[
+        list[str] | None, typer.Option("--quantization", help="Add engine rows on int8 and/or int4 weights (repeat).")
+    ] = None,
 ) -> None:
     """Engine throughput against Hugging Face generate (bench/bench_engine.py); the full run updates docs/BENCHMARKS.md."""
     import importlib.util
@@ -451,7 +462,7 @@ def bench(
     log = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
     results = run_guarded(
         module.run_benchmark, quick, dtypes=dtypes, model_dir=model_dir, rounds=rounds, block_size=block_size, peer=peer,
-        log=log,
+        quantizations=tuple(quantization or ()), log=log,
     )
     if as_json:
         typer.echo(json.dumps(module.json_rows(results), indent=1))
@@ -619,6 +630,7 @@ def eval_vqa(
     ] = None,
     volumes: VolumesOpt = "auto",
     dtype: str | None = None,
+    quantization: QuantOpt = None,
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
 ) -> None:
@@ -630,7 +642,7 @@ def eval_vqa(
 
     analyzer = run_guarded(
         Analyzer, model, vision_tower=vision_tower, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory,
-        conv_mode=conv_mode,
+        conv_mode=conv_mode, quantization=quantization,
     )
     with Progress(transient=True) as bar:
         task = bar.add_task("answering", total=None)
@@ -754,6 +766,7 @@ def eval_report(
     batch_size: Annotated[int, typer.Option(min=1, help="Studies sent to the engine at once.")] = 64,
     grounding: GroundingOpt = "occlusion",
     dtype: str | None = None,
+    quantization: QuantOpt = None,
     device: str = "cpu",
 ) -> None:
     """Draft a report for every study of a phantom world and score its findings against the truth."""
@@ -765,7 +778,7 @@ def eval_report(
 
     check_grounding(grounding)
     studies = run_guarded(read_world, world)
-    analyzer = run_guarded(Analyzer, model, dtype=dtype, device=device)
+    analyzer = run_guarded(Analyzer, model, dtype=dtype, device=device, quantization=quantization)
     images = [str(Path(world) / "images" / s.image) for s in studies]
     params = SamplingParams(max_tokens=max_tokens)
     reports = []

@@ -65,11 +65,14 @@ class Analyzer:
         vision_tower: str | Path | None = None,
         dtype: str | None = None,
         device: str = "cpu",
+        quantization: str | None = None,
         conv_mode: str | None = None,
         **engine_kwargs,
     ):
         path = resolve_model(model)  # None: the shipped demo model
-        self.lm: LoadedModel = load_model(path, vision_tower=vision_tower, dtype=dtype, device=device)
+        self.lm: LoadedModel = load_model(
+            path, vision_tower=vision_tower, dtype=dtype, device=device, quantization=quantization
+        )
         self.llm = LLM(self.lm, conv_mode=conv_mode, **engine_kwargs)  # checks and sets lm.conv_mode
 
     def ask(

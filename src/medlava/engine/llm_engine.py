@@ -18,7 +18,6 @@ from medlava.chat.messages import render_messages
 from medlava.chat.templates import get_template
 from medlava.chat.tokenize import tokenize_prompt
 from medlava.engine.block_manager import BlockManager
-from medlava.engine.host_memory import keep_freed_memory
 from medlava.engine.image_cache import image_hash
 from medlava.engine.model_runner import ModelRunner
 from medlava.engine.paged_attention import KVCachePool
@@ -26,6 +25,7 @@ from medlava.engine.reference import eos_ids, find_stop
 from medlava.engine.sampling import SamplingParams
 from medlava.engine.scheduler import Scheduler
 from medlava.engine.sequence import ImageRef, RequestOutput, Sequence
+from medlava.host_memory import keep_freed_memory
 from medlava.model.demo import resolve_model
 from medlava.model.loader import LoadedModel, load_model
 
@@ -62,8 +62,9 @@ class EngineMetrics:
 class LLMEngine:
     """Paged-KV, continuously batching LLaVA engine.
 
-    model: a model folder, an already loaded `LoadedModel` (then dtype, device and vision_tower
-    are its own), or None for the shipped demo model.
+    model: a model folder, an already loaded `LoadedModel` (then dtype, device, vision_tower and
+    quantization are its own), or None for the shipped demo model. quantization: "int8" or
+    "int4" weight-only for the decoder layers (model/quant.py; CPU).
     kv_cache_memory / num_blocks: the KV pool size in bytes or blocks (default: 1 GiB on CPU,
     80 % of free memory on CUDA; memory is touched only as blocks are used).
     max_num_seqs / max_num_batched_tokens: the running batch and a prefill step's token budget
@@ -78,6 +79,7 @@ class LLMEngine:
         dtype: str | torch.dtype | None = None,
         device: str = "cpu",
         vision_tower: str | Path | None = None,
+        quantization: str | None = None,
         conv_mode: str | None = None,
         block_size: int = 16,
         num_blocks: int | None = None,
@@ -91,7 +93,7 @@ class LLMEngine:
             self.lm = model
         else:  # None: the shipped demo model (a clear ModelLoadError while it is missing)
             path = resolve_model(model)
-            self.lm = load_model(path, vision_tower=vision_tower, dtype=dtype, device=device)
+            self.lm = load_model(path, vision_tower=vision_tower, dtype=dtype, device=device, quantization=quantization)
         if conv_mode is not None:
             get_template(conv_mode)  # fail early on a typo
             self.lm.conv_mode = conv_mode

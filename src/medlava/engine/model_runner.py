@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from medlava import kernels
-from medlava.engine.host_memory import available_bytes
 from medlava.engine.image_cache import VisionCache
 from medlava.engine.paged_attention import (
     KernelPlan,
@@ -25,6 +24,7 @@ from medlava.engine.paged_attention import (
 )
 from medlava.engine.sampling import sample_batch
 from medlava.engine.sequence import Sequence
+from medlava.host_memory import available_bytes
 from medlava.model.decoder import pack_model
 from medlava.model.llava import LlavaModel
 

@@ -121,7 +121,7 @@ def packing_groups(model: nn.Module) -> list[tuple[nn.Module, str, list[Linear]]
         layers = [m.q_proj, m.k_proj, m.v_proj] if isinstance(m, Attention) else (
             [m.gate_proj, m.up_proj] if isinstance(m, SwiGLU) else None
         )
-        if layers is not None and PackedWeights.packable(layers):
+        if layers is not None and all(isinstance(x, Linear) for x in layers) and PackedWeights.packable(layers):
             groups.append((m, "fused", layers))
             grouped.update(id(x) for x in layers)
     groups += [(m, "packed", [m]) for m in model.modules() if isinstance(m, Linear) and id(m) not in grouped]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import torch
 
 from medlava.chat.image_processing import ImageProcessing
 from medlava.errors import ModelLoadError
+from medlava.host_memory import hand_back_freed_memory
 from medlava.model.config import LlavaConfig, text_config_from_hf, vision_config_from_hf
 from medlava.model.llava import LlavaModel
+from medlava.model.quant import check_quantization, quantized_layers
 from medlava.model.weights import check_complete, load_weights
 
 ORIGINAL_IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: never a vocabulary id
@@ -30,6 +33,7 @@ class LoadedModel:
     name: str
     path: Path
     layout: str  # "hf" or "original"
+    quantization: str | None = None  # "int8" or "int4": the decoder layers' weights (model/quant.py)
 
     @property
     def config(self) -> LlavaConfig:
@@ -169,14 +173,19 @@ def load_tokenizer(folder: Path):
         raise ModelLoadError(f"cannot load the tokenizer from {folder}: {str(e).splitlines()[0]}") from None
 
 
-def build_empty(cfg: LlavaConfig, dtype: torch.dtype, device: str | torch.device) -> LlavaModel:
-    """Allocate the network without initialising it (the checkpoint fills every tensor)."""
+def build_empty(
+    cfg: LlavaConfig, dtype: torch.dtype, device: str | torch.device, quantization: str | None = None
+) -> tuple[LlavaModel, dict]:
+    """Allocate the network without initialising it (the checkpoint fills every tensor); with a
+    quantization, the decoder layers' projections are empty QuantizedLinear layers, returned by
+    the checkpoint name of their weight (each quantizes its weight as the loader reads it)."""
     with torch.device("meta"):
         model = LlavaModel(cfg)
+        sinks = quantized_layers(model, quantization, dtype) if quantization else {}
     model = model.to(dtype).to_empty(device=device)
     if cfg.text.tie_word_embeddings:  # to_empty breaks parameter sharing
         model.lm_head.weight = model.decoder.embed_tokens.weight
-    return model
+    return model, sinks
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -201,9 +210,19 @@ def load_model(
     vision_tower: str | Path | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Load a model folder; raises ModelLoadError with one clear line when it cannot."""
+    """Load a model folder; raises ModelLoadError with one clear line when it cannot.
+
+    quantization: "int8" or "int4" stores the decoder layers' weights so (model/quant.py), each
+    quantized as it is read, so that peak memory stays near the quantized model's size."""
     device = check_device(device)
+    try:
+        check_quantization(quantization)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if quantization and device.type != "cpu":
+        raise ModelLoadError(f"--quantization {quantization} runs on the CPU only; drop it for {device.type}")
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(f"model folder not found: {folder}")
@@ -221,14 +240,15 @@ def load_model(
     cfg.dtype = str(torch_dtype).removeprefix("torch.")
     bound_context(cfg, raw)
 
-    model = build_empty(cfg, torch_dtype, device)
-    if layout == "hf":
-        loaded = load_weights(model, folder)
-    else:
-        # The published checkpoint carries a vision tower it never uses: LLaVA reloads CLIP.
-        loaded = load_weights(model, folder, accept=lambda n: not n.startswith("vision_tower."))
-        loaded |= load_weights(model, clip_folder, accept=lambda n: n.startswith("vision_tower."))
-    check_complete(model, loaded, folder.name)
+    model, sinks = build_empty(cfg, torch_dtype, device, quantization)
+    with hand_back_freed_memory() if quantization else nullcontext():  # quantizing: peak near the quantized size
+        if layout == "hf":
+            loaded = load_weights(model, folder, sinks=sinks)
+        else:
+            # The published checkpoint carries a vision tower it never uses: LLaVA reloads CLIP.
+            loaded = load_weights(model, folder, accept=lambda n: not n.startswith("vision_tower."), sinks=sinks)
+            loaded |= load_weights(model, clip_folder, accept=lambda n: n.startswith("vision_tower."))
+    check_complete(model, loaded, folder.name, expected=set(sinks))
     model.eval()
     return LoadedModel(
         model=model,
@@ -238,4 +258,5 @@ def load_model(
         name=folder.name,
         path=folder,
         layout=layout,
+        quantization=quantization,
     )

@@ -63,18 +63,30 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]
                 yield key, (lambda t=tensor: t)
 
 
-def load_weights(model: nn.Module, folder: Path, accept: Callable[[str], bool] = lambda name: True) -> set[str]:
+def load_weights(
+    model: nn.Module, folder: Path, accept: Callable[[str], bool] = lambda name: True, sinks: dict | None = None
+) -> set[str]:
     """Copy the checkpoint in `folder` into `model`; returns the medlava names it filled.
 
     `accept(name)` chooses which mapped tensors to take (e.g. skip a vision tower that a
-    separate CLIP folder supplies). Unknown keys and shape mismatches raise ModelLoadError.
+    separate CLIP folder supplies). `sinks` maps names to layers that take their tensor
+    themselves (`QuantizedLinear.load_weight`), one tensor at a time. Unknown keys and shape
+    mismatches raise ModelLoadError.
     """
+    sinks = sinks or {}
     params = dict(model.state_dict(keep_vars=True))
     loaded: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
         for key, read in iter_tensors(folder):
             name = canonical_name(key)
+            if name in sinks and accept(name):
+                try:
+                    sinks[name].load_weight(read())
+                except ValueError as e:
+                    raise ModelLoadError(f"{folder.name}: {key}: {e}") from None
+                loaded.add(name)
+                continue
             if name is None or name not in params:
                 if not IGNORED.search(key):
                     unexpected.append(key)
@@ -93,10 +105,10 @@ def load_weights(model: nn.Module, folder: Path, accept: Callable[[str], bool] =
     return loaded
 
 
-def check_complete(model: nn.Module, loaded: set[str], where: str) -> None:
-    """Raise naming the parameters no checkpoint filled (tied heads share the embedding)."""
+def check_complete(model: nn.Module, loaded: set[str], where: str, expected: set[str] = frozenset()) -> None:
+    """Raise naming the parameters (and `expected` names) no checkpoint filled (tied heads share the embedding)."""
     tied = {"lm_head.weight"} if model.lm_head.weight is model.decoder.embed_tokens.weight else set()
-    missing = sorted(set(model.state_dict()) - loaded - tied)
+    missing = sorted((set(model.state_dict()) | expected) - loaded - tied)
     if missing:
         raise ModelLoadError(f"{where}: missing weights {_some(missing)}")
 

@@ -1,5 +1,6 @@
 """Host memory: keep freed tensor memory in the process on Linux CPUs, rather than handing it
-back to the OS; and how much memory is still available.
+back to the OS (inference), or hand it back at once (quantizing a model as it loads); and how
+much memory is still available.
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB, often far less) with a
 fresh `mmap` and unmaps it on free, so each prefill step's activations are page-faulted in
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
@@ -21,18 +24,37 @@ KEEP_BYTES = 1 << 30  # allocations above this still get their own mapping
 _result: bool | None = None
 
 
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc (once per process); False where that is not possible (no glibc: macOS, musl, Windows)."""
     global _result
     if _result is None:
-        _result = False
-        if platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                _result = all(libc.mallopt(opt, KEEP_BYTES) == 1 for opt in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
-            except (OSError, AttributeError):
-                pass
+        _result = _mallopt(KEEP_BYTES, KEEP_BYTES)
     return _result
+
+
+@contextmanager
+def hand_back_freed_memory(threshold: int = 1 << 20) -> Iterator[None]:
+    """Within the block, every allocation above `threshold` gets its own mapping, unmapped when it
+    is freed. A loader that quantizes weight by weight makes temporaries several times the size of
+    each quantized result; from the heap, they would leave holes between the results that keep
+    the process near the full-precision model's size (seen: int4 1.8 GB against 0.8 GB of weights).
+    Afterwards malloc keeps freed memory, as inference wants it (`keep_freed_memory`)."""
+    _mallopt(threshold, threshold)
+    try:
+        yield
+    finally:
+        global _result
+        _result = _mallopt(KEEP_BYTES, KEEP_BYTES)
 
 
 def available_bytes() -> int | None:
