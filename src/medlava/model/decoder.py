@@ -66,7 +66,9 @@ class PackedWeights:
         self.layers = layers
         self.sizes = [m.out_features for m in layers]
         self.dtype = layers[0].weight.dtype
-        self.states = [m.weight_state() for m in layers]
+        # Each layer's parameter dict, the weight the copy was made from, and that weight's version:
+        # checked on every call, so kept to a dict lookup and two comparisons per layer.
+        self.sources = [(m._parameters, m.weight, m.weight._version) for m in layers]
         with torch.no_grad():
             w = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
@@ -81,7 +83,7 @@ class PackedWeights:
         )
 
     def fresh(self) -> bool:
-        return [m.weight_state() for m in self.layers] == self.states
+        return all(params["weight"] is w and w._version == version for params, w, version in self.sources)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.layers[0].bias if len(self.layers) == 1 else None
@@ -104,9 +106,6 @@ class Linear(nn.Linear):
     """`nn.Linear` with an optional `PackedWeights` copy for inference (`pack_model`)."""
 
     packed: PackedWeights | None = None
-
-    def weight_state(self) -> tuple:
-        return self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = packed_for(self, "packed", x)
@@ -203,8 +202,7 @@ class Attention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         ops = fused_ops(x)
         if ops is not None and cos.dtype == q.dtype:  # rotated in place, in one pass over q and k
-            cos, sin = (c.expand(b, t, -1).reshape(b * t, -1) for c in (cos, sin))
-            ops.rotary_(q.view(b * t, self.heads, -1), k.view(b * t, self.kv_heads, -1), cos, sin)
+            ops.rotary_(q.view(b * t, self.heads, -1), k.view(b * t, self.kv_heads, -1), cos.view(b * t, -1), sin.view(b * t, -1))
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         else:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
@@ -261,7 +259,7 @@ class Decoder(nn.Module):
     def forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend | None = None
     ) -> torch.Tensor:
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, embeds.dtype)
+        cos, sin = rope_cos_sin(positions.expand(embeds.shape[:2]), self.config.head_dim, self.config.rope_theta, embeds.dtype)
         x, delta = embeds, None
         for layer in self.layers:
             x, delta = layer(x, delta, cos, sin, backend)
