@@ -22,7 +22,7 @@ def test_int8_both_paths_are_close_to_the_float_layer_and_to_each_other(dtype):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 256, generator=g) * 0.05
     q = layer("int8", w, dtype)
-    assert q.qweight.dtype == torch.int8 and q.nbytes == q.qweight.nbytes + q.scales.nbytes < w.to(dtype).nbytes
+    assert q.qweight.dtype == torch.int8 and q.nbytes == q.qweight.nbytes + q.scales.nbytes + q.kernel_scales.nbytes < w.to(dtype).nbytes
     x = torch.randn(INT8_FEW_ROWS + 1, 256, generator=g).to(dtype)
     with torch.inference_mode():
         few = torch.cat([q(x[i : i + 1]) for i in range(len(x))])  # _weight_int8pack_mm

@@ -1,13 +1,15 @@
 """medlava's own CPU kernels (csrc/), compiled on first use for the CPU they run on.
 
-torch has no paged attention for the CPU, so the engine brings one (`paged_attention.cpp`), and
-the decoder's chains of small elementwise ops run fused for inference (`fused.cpp`: RMSNorm with
-the residual add, rotary embeddings, SwiGLU), as vLLM's CPU build does with its own kernels.
-They are built with torch's C++ extension tooling the first time a process needs them (well under
-a minute; `make setup` does it ahead, and the build is cached under torch's extension folder,
-keyed by the sources and flags), with ATen's vector code for this CPU's instruction set. Where
-they cannot be built (no C++ compiler) or MEDLAVA_CPU_KERNELS=0, `ops()` returns None and the
-engine and the decoder use their portable torch code.
+torch has no paged attention for the CPU, so the engine brings one (`paged_attention.cpp`); the
+decoder's chains of small elementwise ops run fused for inference (`fused.cpp`: RMSNorm with the
+residual add, rotary embeddings, SwiGLU), as vLLM's CPU build does with its own kernels; and int8
+weights are dequantized in one pass (`quant.cpp`). They are built with torch's C++ extension
+tooling the first time a process needs them (well under a minute; `make setup` does it ahead),
+with ATen's vector code for this CPU's instruction set, into a folder named by the instruction
+set, torch and Python versions and the sources' digest (`cache_dir()`), so a build is made once
+and never stale. Where they cannot be built (no C++ compiler) or MEDLAVA_CPU_KERNELS=0, `ops()`
+returns None and the engine and the decoder use their portable torch code (int8 dequantizes
+with torch ops).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -51,18 +54,28 @@ def ops():
     return _ops
 
 
+def cache_dir() -> Path:
+    """Where builds go: $MEDLAVA_KERNELS_DIR, else medlava/kernels under $XDG_CACHE_HOME (~/.cache)."""
+    if os.environ.get("MEDLAVA_KERNELS_DIR"):
+        return Path(os.environ["MEDLAVA_KERNELS_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medlava" / "kernels"
+
+
 def _build():
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
-    # torch rebuilds when the sources or flags change; the digest makes a changed header count too.
+    # One build folder per content of csrc/ (headers included) and instruction set: checkouts or
+    # versions side by side never rebuild each other's, and a changed source always rebuilds.
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()))).hexdigest()[:16]
+    build = cache_dir() / f"{capability}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
     # No contraction of a * b + c into one fused multiply-add: the fused ops round as torch does.
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off", f"-DMEDLAVA_CSRC={digest}",
-             *CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])]
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])]
     cpp_extension.load(
         name=f"medlava_cpu_kernels_{capability.lower()}",
         sources=[str(s) for s in SOURCES],
+        build_directory=str(build),
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,

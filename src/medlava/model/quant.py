@@ -9,6 +9,10 @@
 - int4: torchao's CPU path (`Int4OpaqueTensor`: asymmetric groups of 128 (or 64, 32 where the
   input width needs), torch's tinygemm CPU kernel `_weight_int4pack_mm_for_cpu`).
 
+Both torch kernels are vectorised for bfloat16 activations only (float32 ones run 10-30x
+slower), so a float32 model's quantized layers hand them their input in bfloat16 (a rounding far
+below the weights' own) and take the output back in float32.
+
 Only the decoder layers' projections are quantized (the bulk of a 7B model); embeddings, the LM
 head, the vision tower and the projector keep the model's dtype. The loader builds these layers
 empty and quantizes each weight as it reads it (`QuantizedLinear.load_weight`), so the
@@ -29,6 +33,7 @@ from medlava.errors import MedlavaError
 QUANTIZATIONS = ("int8", "int4")
 INT8_FEW_ROWS = 8  # up to this many rows, _weight_int8pack_mm; above, dequantize and GEMM (docs/BENCHMARKS.md)
 INT4_GROUP_SIZES = (128, 64, 32)  # the first that divides the input width is used
+KERNEL_DTYPE = torch.bfloat16  # the activations the int8 and int4 kernels are fast for
 
 
 def int4_tensor_type():
@@ -68,7 +73,8 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"int4 needs input widths divisible by 32 and output widths by 16, got {in_features}->{out_features}")
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.qweight: torch.Tensor | None = None  # int8 [out, in], or torchao's packed int4 tensor
-        self.scales: torch.Tensor | None = None  # int8: [out], in the model dtype
+        self.scales: torch.Tensor | None = None  # int8: [out] float32, for dequantizing
+        self.kernel_scales: torch.Tensor | None = None  # int8: the same in KERNEL_DTYPE, for _weight_int8pack_mm
 
     @property
     def group_size(self) -> int:
@@ -83,16 +89,16 @@ class QuantizedLinear(nn.Module):
         if self.method == "int8":
             scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
             self.qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-            self.scales = scale.to(self.dtype)
+            self.scales, self.kernel_scales = scale, scale.to(KERNEL_DTYPE)
         else:
-            self.qweight = int4_tensor_type().from_hp(w.to(self.dtype), [1, self.group_size])
+            self.qweight = int4_tensor_type().from_hp(w.to(KERNEL_DTYPE), [1, self.group_size])
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The int8 weight as `dtype` [out, in]."""
         ops = kernels.ops()
         if ops is not None:
             return ops.dequantize_int8(self.qweight, self.scales, dtype)
-        return (self.qweight.to(torch.float32) * self.scales.float()[:, None]).to(dtype)
+        return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is None:
@@ -101,11 +107,13 @@ class QuantizedLinear(nn.Module):
             if torch.is_grad_enabled():
                 raise MedlavaError("int4 layers have no gradients (relevance maps need them): use occlusion maps "
                                    "or load the model without --quantization int4")
-            return F.linear(x, self.qweight, self.bias)
+            y = F.linear(x.to(KERNEL_DTYPE), self.qweight).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         rows = x.numel() // x.shape[-1]
-        if torch.is_grad_enabled() or rows > INT8_FEW_ROWS or x.dtype != self.dtype:
+        if torch.is_grad_enabled() or rows > INT8_FEW_ROWS:
             return F.linear(x, self.dequantized(x.dtype), self.bias)
-        y = torch._weight_int8pack_mm(x.reshape(rows, -1), self.qweight, self.scales).view(*x.shape[:-1], -1)
+        y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(KERNEL_DTYPE), self.qweight, self.kernel_scales)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -114,10 +122,10 @@ class QuantizedLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes of the quantized weight and its scales (int4: packed values, a scale and a zero per group)."""
-        n, k, size = self.out_features, self.in_features, torch.empty((), dtype=self.dtype).element_size()
+        n, k, low = self.out_features, self.in_features, torch.empty((), dtype=KERNEL_DTYPE).element_size()
         if self.method == "int8":
-            return n * k + n * size
-        return n * k // 2 + (k // self.group_size) * n * 2 * size
+            return n * k + n * (4 + low)
+        return n * k // 2 + (k // self.group_size) * n * 2 * low
 
 
 def quantized_layers(model: nn.Module, method: str, dtype: torch.dtype) -> dict[str, QuantizedLinear]:
