@@ -215,7 +215,8 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One forward over the scheduled sequences; returns the next token of each."""
         t0 = time.perf_counter()
-        self.pool.ensure_zeroed(max(max(s.block_table) for s in seqs))
+        if self.kernels is None:  # the torch path reads unused slots (masked): they must be finite
+            self.pool.ensure_zeroed(max(max(s.block_table) for s in seqs))
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode
         ids, positions, logits_at, feats, image_mask, ctx = prepare(seqs)
         self.attn.set_context(ctx)

@@ -66,9 +66,9 @@ class KVCachePool:
             self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
 
     def ensure_zeroed(self, block_id: int) -> None:
-        """Zero blocks up to `block_id` before first use. Attention reads unused slots (masked out,
-        but they must be finite: 0 * NaN is NaN); zeroing lazily keeps untouched memory unallocated
-        (blocks are handed out lowest id first)."""
+        """Zero blocks up to `block_id` before first use. The torch path's attention reads unused
+        slots (masked out, but they must be finite: 0 * NaN is NaN; the CPU kernel never reads
+        them); zeroing lazily keeps untouched memory unallocated (blocks are handed out lowest id first)."""
         if block_id >= self.zeroed:
             end = min(self.num_blocks, max(block_id + 1, self.zeroed + self.ZERO_CHUNK))
             self.k[:, self.zeroed : end].zero_()
