@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/medlava: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	$(BIN)/python -m medlava.kernels  # build the CPU kernels now, not on the first request
 	touch $@
 

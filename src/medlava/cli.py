@@ -282,21 +282,59 @@ def serve(
     device: str = "cpu",
     kv_cache_memory: KvMemoryOpt = None,
     ui: Annotated[bool, typer.Option("--ui", help="Also serve the web UI at /ui (Gradio, offline).")] = False,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="Run N engine replicas on Ray Serve, routed by image (see --ray-address).")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --replicas: autoscale between --replicas and this many.")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --replicas: join this Ray cluster (HOST:6379; default: start one here).")
+    ] = None,
+    num_cpus_per_replica: Annotated[float, typer.Option(min=0.0, help="With --replicas: CPUs each engine takes.")] = 1,
+    num_gpus_per_replica: Annotated[
+        float, typer.Option(min=0.0, help="With --replicas: GPUs each engine takes (then it runs on CUDA).")
+    ] = 0,
+    routing: Annotated[
+        str, typer.Option(help="With --replicas: image (a study's questions share a replica) or random.")
+    ] = "image",
 ) -> None:
     """Serve the OpenAI-compatible API: /v1/chat/completions, /v1/reports, /v1/explain, /v1/models,
-    /health, /metrics, and with --ui the web UI at /ui."""
+    /health, /metrics, and with --ui the web UI at /ui; with --replicas, on Ray Serve."""
     import logging
 
     import uvicorn
 
-    from medlava.engine.async_engine import AsyncLLMEngine
     from medlava.serve.api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_BYTES, create_app
 
-    engine = run_guarded(AsyncLLMEngine, model, vision_tower=vision_tower, dtype=dtype, device=device,
-                         quantization=quantization, conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
-    api = create_app(engine, api_keys=api_key or (), max_queue=max_queue,
-                     max_image_bytes=max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
-                     max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES, ui=ui)
+    engine_kwargs = dict(vision_tower=vision_tower, dtype=dtype, device=device, quantization=quantization,
+                         conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
+    app_options = dict(api_keys=api_key or (), max_queue=max_queue,
+                       max_image_bytes=max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
+                       max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    if replicas is not None:
+        from medlava.serve import cluster
+
+        if ui:
+            fail("--ui is not served with --replicas yet: run the web UI from a plain `medlava serve`")
+        if num_gpus_per_replica:
+            engine_kwargs["device"] = "cuda"
+        application = run_guarded(
+            cluster.build_application, None if model is None else str(model.resolve()),
+            {k: str(v) if isinstance(v, Path) else v for k, v in engine_kwargs.items()}, app_options,
+            replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus_per_replica,
+            num_gpus=num_gpus_per_replica, routing=routing,
+        )
+        typer.echo(f"serving {replicas} replica(s) on Ray Serve at http://{host}:{port}/v1", err=True)
+        run_guarded(cluster.run, application, host=host, port=port, ray_address=ray_address)
+        return
+    if max_replicas is not None or ray_address is not None:
+        fail("--max-replicas and --ray-address go with --replicas N")
+
+    from medlava.engine.async_engine import AsyncLLMEngine
+
+    engine = run_guarded(AsyncLLMEngine, model, **engine_kwargs)
+    api = create_app(engine, ui=ui, **app_options)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     log = logging.getLogger("medlava")

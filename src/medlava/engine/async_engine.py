@@ -158,6 +158,14 @@ class AsyncLLMEngine:
         self._commands.put(("abort", request_id, done))
         return await asyncio.wrap_future(done)
 
+    @property
+    def model_name(self) -> str:
+        return self.engine.lm.name
+
+    @property
+    def conv_mode(self) -> str:
+        return self.engine.lm.conv_mode
+
     def num_unfinished(self) -> int:
         """Requests accepted by `generate` and not yet finished (cheap; never waits on the engine)."""
         with self._ids_lock:

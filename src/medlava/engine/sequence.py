@@ -193,3 +193,4 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[float | None] | None = None  # with SamplingParams.prompt_logprobs: one per prompt token
     logprobs: list[float] | None = None  # with SamplingParams.logprobs: one per generated token
+    served_by: str | None = None  # the engine replica that produced it, where there are several (serve/cluster.py)

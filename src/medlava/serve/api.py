@@ -57,6 +57,7 @@ from medlava.serve.protocol import (
     ExplainRequest,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ReportRequest,
     Usage,
 )
@@ -213,7 +214,7 @@ class _EngineCollector:
 
 
 def create_app(
-    engine: AsyncLLMEngine,
+    engine: AsyncLLMEngine,  # or anything with its serving surface (serve/cluster.py's RemoteEngine)
     *,
     model_name: str | None = None,
     api_keys: Iterable[str] = (),
@@ -234,14 +235,13 @@ def create_app(
     engine's model with an `analysis_kv_memory`-byte KV pool of its own.
     ui: also mount the Gradio web UI at `/ui` (`serve/webui.py`), on the same engine and analyzer.
     """
-    lm = engine.engine.lm
-    name = model_name or lm.name
+    name = model_name or engine.model_name
     keys = [k.encode() for k in api_keys]
     limits = _Limits(max_body_bytes, max_image_bytes, max_pixels, max_queue)
-    template_stop = tuple(get_template(lm.conv_mode).stop)
+    template_stop = tuple(get_template(engine.conv_mode).stop)
     created = int(time.time())
     pending = 0  # requests admitted whose images are still being read (not yet counted by the engine)
-    analyzer = analyzer or SharedAnalyzer(lm, kv_cache_memory=analysis_kv_memory)
+    analyzer = analyzer or SharedAnalyzer(engine.engine.lm, kv_cache_memory=analysis_kv_memory)
     analysis_lock = asyncio.Lock()  # one analysis at a time (the Analyzer's engine is single-threaded)
     analyses = 0  # analyses admitted (waiting for the lock or running); they count against max_queue
     # Images are decoded one at a time: every extra thread holding the GIL slows the event loop's
@@ -367,11 +367,12 @@ def create_app(
             raise
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        headers = {"X-Request-Id": rid} | ({"X-Medlava-Replica": first.served_by} if first.served_by else {})
         if req.stream:
             return StreamingResponse(
                 _stream(rid, first, gen, include_usage, t0),
                 media_type="text/event-stream",
-                headers={"X-Request-Id": rid, "Cache-Control": "no-cache"},
+                headers=headers | {"Cache-Control": "no-cache"},
             )
         last = first
         try:
@@ -384,7 +385,7 @@ def create_app(
             id=rid, model=name, usage=usage,
             choices=[Choice(message=AssistantMessage(content=last.text.strip()), finish_reason=last.finish_reason)],
         )
-        return JSONResponse(resp.model_dump(), headers={"X-Request-Id": rid})
+        return JSONResponse(resp.model_dump(), headers=headers)
 
     async def analyse(rid: str, work, *args):
         """Run `work(*args)` in a worker thread, one analysis at a time; the loop stays free."""
@@ -409,10 +410,11 @@ def create_app(
             study = await asyncio.get_running_loop().run_in_executor(readers, _load_image, req.image, limits)
             logger.info("%s: %d body bytes, %s", rid, size, describe.format(req=req))
             out = await analyse(rid, work, req, study)
+            replica = getattr(analyzer, "served_by", None)  # read under no lock: one analysis at a time
         except APIError as e:
             logger.info("%s: refused %d %s", rid, e.status, e.code)
             raise
-        return JSONResponse(out, headers={"X-Request-Id": rid})
+        return JSONResponse(out, headers={"X-Request-Id": rid} | ({"X-Medlava-Replica": replica} if replica else {}))
 
     def draft_report(req: ReportRequest, study) -> dict:
         params = SamplingParams(max_tokens=req.max_tokens or 512)
@@ -456,7 +458,8 @@ def create_app(
         m = out.metrics
         n_prompt = m.prompt_tokens if m else len(out.prompt_token_ids)
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=len(out.token_ids),
-                      total_tokens=n_prompt + len(out.token_ids))
+                      total_tokens=n_prompt + len(out.token_ids),
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=m.cached_prompt_tokens) if m else None)
         prompt_tokens.inc(usage.prompt_tokens)
         generation_tokens.inc(usage.completion_tokens)
         first = m.time_to_first_token if m else None

@@ -117,7 +117,7 @@ class WebUI:
         self.root = root  # every session's folder is made in it; mount_ui deletes it when the app stops
         self.engine, self.limits, self.analyzer = app.state.engine, app.state.limits, app.state.analyzer
         self.admit, self.analyse = app.state.admit, app.state.analyse
-        self.template_stop = list(get_template(self.engine.engine.lm.conv_mode).stop)
+        self.template_stop = list(get_template(self.engine.conv_mode).stop)
 
     async def upload(self, file: str | None, window: str, previous: Session | None):
         """A new study: a new session, a cleared chat that says so, previews and outputs reset."""

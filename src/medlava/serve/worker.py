@@ -182,7 +182,7 @@ def create_worker_app(
         raise ValueError(f"limit_model_concurrency must be at least 1, got {limit_model_concurrency}")
     app = create_app(engine, **app_kwargs)
     name, limits = app.state.model_name, app.state.limits
-    template_stop = tuple(get_template(engine.engine.lm.conv_mode).stop)
+    template_stop = tuple(get_template(engine.conv_mode).stop)
     semaphore = asyncio.Semaphore(limit_model_concurrency)
     waiting = 0  # LLaVA requests admitted and not yet in the engine (reading images, or on the semaphore)
 
