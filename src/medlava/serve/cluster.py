@@ -24,6 +24,7 @@ import logging
 import random
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from medlava.engine.llm_engine import EngineMetrics
@@ -46,6 +47,7 @@ except ImportError:  # serve.api and the CLI say how to get it when --replicas i
 ROUTINGS = ("image", "random")
 RETRIES = 3  # sends of a request whose replica died before it answered
 MAX_ONGOING = 256  # requests a replica takes before Ray Serve holds more back (its engine batches up to 64)
+COALESCE_S = 0.05  # a stream's outputs within this long of the last one sent cross Ray as one
 
 
 def require_ray() -> None:
@@ -102,9 +104,19 @@ class EngineReplica:
         return {"model_name": self.engine.model_name, "conv_mode": self.engine.conv_mode}
 
     async def generate(self, rid: str, params: SamplingParams, messages: list[dict], route_key: str | None = None):
-        """The engine's outputs for one request, each as (replica id, output, engine metrics on the last)."""
+        """The engine's outputs for one request, as (replica id, output, engine metrics on the last).
+        After the first, outputs that follow within COALESCE_S of the last one sent go as one (their
+        deltas joined): each item crossing Ray costs the replica's CPU what the engine needs."""
+        held, sent = None, 0.0
         async for out in self.engine.generate(rid, params=params, messages=messages):
-            yield self.id, out, self.engine.metrics() if out.finished else None
+            if held is not None:
+                out = dataclasses.replace(out, delta_text=held.delta_text + out.delta_text,
+                                          new_token_ids=held.new_token_ids + out.new_token_ids)
+            if out.finished or not sent or time.perf_counter() - sent >= COALESCE_S:
+                yield self.id, out, self.engine.metrics() if out.finished else None
+                held, sent = None, time.perf_counter()
+            else:
+                held = out
 
     async def analyse(self, method: str, args: tuple, route_key: str | None = None):
         """(replica id, `Analyzer.<method>(*args)`), one analysis at a time, off the event loop."""
