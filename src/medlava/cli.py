@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated
@@ -298,20 +299,58 @@ def serve(
     routing: Annotated[
         str, typer.Option(help="With --replicas: image (a study's questions share a replica) or random.")
     ] = "image",
+    backend: Annotated[
+        str, typer.Option(help="medlava (its own engine) or vllm (vLLM's engine on a Hugging Face Llava folder; "
+                          "it picks its device: the GPU with a CUDA build).")
+    ] = "medlava",
+    tensor_parallel_size: Annotated[
+        int, typer.Option(min=1, help="With --backend vllm: split each layer over this many GPUs.")
+    ] = 1,
+    pipeline_parallel_size: Annotated[
+        int, typer.Option(min=1, help="With --backend vllm: split the layers into this many stages.")
+    ] = 1,
 ) -> None:
     """Serve the OpenAI-compatible API: /v1/chat/completions, /v1/reports, /v1/explain, /v1/models,
-    /health, /metrics, and with --ui the web UI at /ui; with --replicas, on Ray Serve."""
-    import logging
-
-    import uvicorn
-
-    from medlava.serve.api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMAGE_BYTES, create_app
+    /health, /metrics, and with --ui the web UI at /ui; with --replicas, on Ray Serve; with
+    --backend vllm, on vLLM's engine."""
+    from medlava.serve.api import (
+        DEFAULT_ANALYSIS_KV_MEMORY,
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_IMAGE_BYTES,
+        create_app,
+    )
 
     engine_kwargs = dict(vision_tower=vision_tower, dtype=dtype, device=device, quantization=quantization,
                          conv_mode=conv_mode, kv_cache_memory=kv_cache_memory)
     app_options = dict(api_keys=api_key or (), max_queue=max_queue,
                        max_image_bytes=max_image_bytes or DEFAULT_MAX_IMAGE_BYTES,
                        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    if backend not in ("medlava", "vllm"):
+        fail(f"unknown backend {backend!r}: use medlava or vllm")
+    if backend == "medlava" and (tensor_parallel_size > 1 or pipeline_parallel_size > 1):
+        fail("--tensor-parallel-size and --pipeline-parallel-size go with --backend vllm")
+    if backend == "vllm":
+        if replicas is not None or max_replicas is not None:
+            fail("--replicas runs medlava's engine: with --backend vllm, scale with --tensor-parallel-size "
+                 "and --pipeline-parallel-size")
+        if quantization or vision_tower:
+            fail("--quantization and --vision-tower are medlava's engine's: --backend vllm serves a Hugging Face "
+                 "Llava folder as it is")
+        if model is None:
+            fail("--backend vllm needs --model FOLDER (a Hugging Face Llava folder)")
+        from medlava.serve import vllm_engine
+
+        if ray_address is not None:
+            os.environ["RAY_ADDRESS"] = ray_address  # vLLM's workers join this Ray cluster
+        engine = run_guarded(
+            vllm_engine.VLLMEngine, model, dtype=dtype, conv_mode=conv_mode, kv_cache_memory=kv_cache_memory,
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            ray=ray_address is not None,
+        )
+        analyzer = vllm_engine.FolderAnalyzer(model, dtype=dtype, device=device, conv_mode=conv_mode,
+                                              kv_cache_memory=DEFAULT_ANALYSIS_KV_MEMORY)
+        _serve_app(create_app(engine, analyzer=analyzer, ui=ui, **app_options), host, port, ui)
+        return
     if replicas is not None:
         from medlava.serve import cluster
 
@@ -329,17 +368,18 @@ def serve(
         run_guarded(cluster.run, application, host=host, port=port, ray_address=ray_address)
         return
     if max_replicas is not None or ray_address is not None:
-        fail("--max-replicas and --ray-address go with --replicas N")
+        fail("--max-replicas goes with --replicas N, --ray-address with --replicas N or --backend vllm")
 
     from medlava.engine.async_engine import AsyncLLMEngine
 
     engine = run_guarded(AsyncLLMEngine, model, **engine_kwargs)
-    api = create_app(engine, ui=ui, **app_options)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-    log = logging.getLogger("medlava")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)  # request ids, sizes and timings; never prompts, images or identifiers
+    _serve_app(create_app(engine, ui=ui, **app_options), host, port, ui)
+
+
+def _serve_app(api, host: str, port: int, ui: bool) -> None:
+    import uvicorn
+
+    _log_requests_to_stderr()
     where = f"http://{host}:{port}"
     typer.echo(f"serving {api.state.model_name} on {where}/v1" + (f", the web UI on {where}/ui" if ui else ""), err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")
@@ -352,7 +392,7 @@ def _log_requests_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     log = logging.getLogger("medlava")
     log.addHandler(handler)
-    log.setLevel(logging.INFO)  # request ids, sizes, timings and worker addresses; never prompts or images
+    log.setLevel(logging.INFO)  # request ids, sizes, timings and addresses; never prompts, images or identifiers
 
 
 def _check_url(option: str, url: str) -> str:
