@@ -42,12 +42,11 @@ INSTALL_HINT = ("--backend vllm needs vLLM: pip install 'medlava[vllm]' on a CUD
 MAX_IMAGES = 8  # images per request vLLM makes room for (its limit_mm_per_prompt)
 
 
-def vllm_module():
+def require_vllm() -> None:
     try:
-        import vllm
+        import vllm  # noqa: F401
     except ImportError:
         raise MedlavaError(INSTALL_HINT) from None
-    return vllm
 
 
 def check_folder(folder: Path) -> dict:
@@ -108,8 +107,9 @@ class VLLMEngine:
         pipeline_parallel_size: int = 1,
         ray: bool = False,
     ):
-        vllm_module()
+        require_vllm()
         from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         folder = Path(folder)
@@ -123,8 +123,6 @@ class VLLMEngine:
         self.image_token_id = cfg.image_token_id
         self.processing = ImageProcessing.from_file(folder / "preprocessor_config.json", aspect_ratio(raw),
                                                     cfg.vision.image_size)
-        from vllm.platforms import current_platform
-
         if kv_cache_memory is None and current_platform.is_cpu():
             kv_cache_memory = DEFAULT_CPU_KV_MEMORY  # as medlava's engine; vLLM's own CPU default takes most of RAM
         args = AsyncEngineArgs(
@@ -154,12 +152,12 @@ class VLLMEngine:
         """The vLLM prompt for OpenAI-style `messages`: medlava's token ids, one placeholder per
         image, and the images padded as LLaVA pads them (vLLM's CLIP processor resizes and crops)."""
         text, images = render_messages(messages, self.template)
+        if len(images) > MAX_IMAGES:
+            raise ValueError(f"{len(images)} images in one request: the vLLM backend takes at most {MAX_IMAGES}")
         ids = tokenize_prompt(self.tokenizer, text, self.image_token_id, 1)
         pictures = [open_image(image)[0].convert("RGB") for image in images]
         if self.processing.aspect == "pad":
             pictures = [pad_to_square(p, self.processing.mean) for p in pictures]
-        if len(pictures) > MAX_IMAGES:
-            raise ValueError(f"{len(pictures)} images in one request: the vLLM backend takes at most {MAX_IMAGES}")
         return {"prompt_token_ids": ids} | ({"multi_modal_data": {"image": pictures}} if pictures else {})
 
     async def generate(self, request_id: str, *, params: SamplingParams, messages: list[dict]
@@ -182,17 +180,18 @@ class VLLMEngine:
                 metrics.cached_prompt_tokens = out.num_cached_tokens or 0
                 if out.finished:
                     metrics.finished_time = time.perf_counter()
-                    self._count(metrics, len(prompt.get("multi_modal_data", {}).get("image", ())))
+                    self.count(metrics, len(prompt.get("multi_modal_data", {}).get("image", ())))
                 yield RequestOutput(request_id, text, token_ids, delta_text=delta, new_token_ids=new,
                                     finished=out.finished, finish_reason=done.finish_reason if out.finished else None,
                                     prompt_token_ids=list(out.prompt_token_ids), metrics=metrics)
         finally:
             self.in_flight -= 1
 
-    def _count(self, m: RequestMetrics, images: int) -> None:
-        for key, value in zip(("prompt", "cached", "generated", "images"),
-                              (m.prompt_tokens, m.cached_prompt_tokens, m.output_tokens, images), strict=True):
-            self.totals[key] += value
+    def count(self, m: RequestMetrics, images: int) -> None:
+        """A finished request's tokens and images, into the totals `metrics` reports."""
+        t = self.totals
+        t["prompt"], t["cached"] = t["prompt"] + m.prompt_tokens, t["cached"] + m.cached_prompt_tokens
+        t["generated"], t["images"] = t["generated"] + m.output_tokens, t["images"] + images
 
     def shutdown(self) -> None:
         self.engine.shutdown()
