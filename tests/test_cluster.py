@@ -24,6 +24,7 @@ from PIL import Image
 
 from medlava.imaging import load_study
 from medlava.serve.routing import preference, study_key
+from tests.test_webui import browser  # noqa: F401 (the fixture: Debian's chromium through Playwright)
 
 # Every Ray address on loopback (Ray's single-machine mode; the serve process inherits it).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -145,8 +146,29 @@ def model(tmp_path_factory) -> Path:
                              patch_size=14, seed=5)
 
 
-def test_image_affinity_prefix_hits_and_a_killed_replica(cluster, model):
-    server = Server(cluster, model)
+def check_web_ui(browser, server: Server, image: Path, question: str) -> None:  # noqa: F811
+    """The web UI through the ingress: a study uploaded and a question answered (the random model's
+    answer is arbitrary bytes, so only that one arrives; tests/test_webui.py checks what it says)."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server.url}/ui/")
+    page.wait_for_selector("#upload", timeout=60_000)
+    page.locator("input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#study-preview img", timeout=60_000)
+    page.fill("#question textarea", question)
+    page.press("#question textarea", "Enter")
+    deadline, bots = time.time() + 60, []
+    while time.time() < deadline and not (len(bots) == 2 and bots[-1].strip()):
+        page.wait_for_timeout(200)
+        bots = page.locator("#chat [data-testid=bot]").all_inner_texts()
+    assert len(bots) == 2 and bots[0].startswith("New study") and bots[-1].strip(), bots
+    assert not errors, errors
+    page.close()
+
+
+def test_image_affinity_prefix_hits_and_a_killed_replica(cluster, model, browser, tmp_path):  # noqa: F811
+    server = Server(cluster, model, "--ui")
     try:
         ids = replica_ids()
         assert len(ids) == 2
@@ -165,6 +187,18 @@ def test_image_affinity_prefix_hits_and_a_killed_replica(cluster, model):
         affinity = hit_rate(responses)
         single = single_engine_hit_rate(model, images)
         assert affinity >= single - 1e-9, (affinity, single)
+
+        # Reports and localisation go to the image's replica as well; the web UI works through the ingress.
+        body = {"model": server.model, "image": data_url(images[0]), "grounding": "none", "max_tokens": 16}
+        report = httpx.post(f"{server.url}/v1/reports", json=body, timeout=120)
+        assert report.status_code == 200 and report.headers["x-medlava-replica"] == owner[seeds[0]], report.text
+        body = {"model": server.model, "image": data_url(images[0]), "question": QUESTIONS[1]}
+        explain = httpx.post(f"{server.url}/v1/explain", json=body, timeout=120)
+        assert explain.status_code in (200, 422), explain.text  # 422: an answer with nothing to localise
+        assert explain.status_code == 422 or explain.headers["x-medlava-replica"] == owner[seeds[0]]
+        study = tmp_path / "study.png"
+        study.write_bytes(images[0])
+        check_web_ui(browser, server, study, QUESTIONS[3])
 
         # A replica killed while streams run: Ray Serve replaces it; requests it had not started are
         # sent again, to a live replica; only streams it was producing may end with an error.

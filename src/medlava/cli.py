@@ -354,17 +354,17 @@ def serve(
     if replicas is not None:
         from medlava.serve import cluster
 
-        if ui:
-            fail("--ui is not served with --replicas yet: run the web UI from a plain `medlava serve`")
         if num_gpus_per_replica:
             engine_kwargs["device"] = "cuda"
         application = run_guarded(
             cluster.build_application, None if model is None else str(model.resolve()),
-            {k: str(v) if isinstance(v, Path) else v for k, v in engine_kwargs.items()}, app_options,
+            {k: str(v) if isinstance(v, Path) else v for k, v in engine_kwargs.items()}, app_options | {"ui": ui},
             replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus_per_replica,
             num_gpus=num_gpus_per_replica, routing=routing,
         )
-        typer.echo(f"serving {replicas} replica(s) on Ray Serve at http://{host}:{port}/v1", err=True)
+        where = f"http://{host}:{port}"
+        typer.echo(f"serving {replicas} replica(s) on Ray Serve at {where}/v1" + (f", the web UI on {where}/ui" if ui else ""),
+                   err=True)
         run_guarded(cluster.run, application, host=host, port=port, ray_address=ray_address)
         return
     if max_replicas is not None or ray_address is not None:

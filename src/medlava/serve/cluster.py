@@ -74,7 +74,11 @@ class ImageAffinityRouter(RequestRouter):
         key = pending_request.kwargs.get("route_key") if pending_request is not None else None
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = {i: self._replica_queue_len_cache.get(r.replica_id) or 0 for i, r in by_id.items()}
-        return [[by_id[i] for i in rank] for rank in ranked(key, list(by_id), loads, self.slack)]
+        ranks = ranked(key, list(by_id), loads, self.slack)
+        # The first rank only: given the others, Ray Serve sends a request on to the next rank
+        # whenever the first's queue-length probe is slow to answer (a busy machine), away from the
+        # replica holding its image's KV blocks; with one rank it asks that replica again.
+        return [[by_id[i] for i in ranks[0]]] if ranks else []
 
 
 # -- the deployments -----------------------------------------------------------------------------
@@ -118,10 +122,10 @@ class EngineReplica:
             else:
                 held = out
 
-    async def analyse(self, method: str, args: tuple, route_key: str | None = None):
-        """(replica id, `Analyzer.<method>(*args)`), one analysis at a time, off the event loop."""
+    async def analyse(self, method: str, args: tuple, kwargs: dict, route_key: str | None = None):
+        """(replica id, `Analyzer.<method>(*args, **kwargs)`), one analysis at a time, off the event loop."""
         async with self.analysis_lock:
-            return self.id, await asyncio.to_thread(getattr(self.analyzer, method), *args)
+            return self.id, await asyncio.to_thread(getattr(self.analyzer, method), *args, **kwargs)
 
 
 # -- the ingress' view of the replicas -----------------------------------------------------------
@@ -190,17 +194,18 @@ class RemoteAnalyzer:
         self.handle = handle
         self.served_by: str | None = None
 
-    def _call(self, method: str, study, *args):
+    def _call(self, method: str, study, *args, **kwargs):
         for attempt in range(RETRIES):
             try:
-                self.served_by, result = self.handle.analyse.remote(method, (study, *args), route_key=study_key(study)).result()
+                self.served_by, result = self.handle.analyse.remote(
+                    method, (study, *args), kwargs, route_key=study_key(study)).result()
                 return result
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 if attempt == RETRIES - 1:
                     raise
 
     def report(self, study, params: SamplingParams | None = None, grounding: str | None = "occlusion"):
-        return self._call("report", study, params, grounding)
+        return self._call("report", study, params, grounding=grounding)
 
     def explain(self, study, question: str, method: str = "occlusion"):
         return self._call("explain", study, question, method)
