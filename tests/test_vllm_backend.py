@@ -26,6 +26,7 @@ import openai  # noqa: E402
 from medlava import Analyzer, SamplingParams  # noqa: E402
 from medlava.chat.tokenize import tokenize_prompt  # noqa: E402
 from medlava.model.demo import DEMO_MODEL  # noqa: E402
+from tests.test_webui import ask_in_browser, browser, words  # noqa: E402, F401 (the fixture)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 DICOM = SAMPLES / "phantom_chest_effusion.dcm"
@@ -47,7 +48,7 @@ def server(tmp_path_factory):
     with log.open("w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "medlava", "serve", "--backend", "vllm", "--model", str(DEMO_MODEL),
-             "--dtype", "float32", "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT)
+             "--dtype", "float32", "--port", str(port), "--ui"], stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
@@ -70,7 +71,7 @@ def dicom_message(question: str) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
-def test_openai_sdk_with_a_dicom_answers_as_medlavas_engine(server):
+def test_openai_sdk_with_a_dicom_answers_as_medlavas_engine(server, browser):  # noqa: F811
     url, log = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     model = client.models.list().data[0].id
@@ -95,6 +96,10 @@ def test_openai_sdk_with_a_dicom_answers_as_medlavas_engine(server):
     mine = local.ask(DICOM, QUESTIONS[3], SamplingParams(max_tokens=48, ignore_eos=True))
     assert long.usage.completion_tokens == len(mine.token_ids) == 48 and long.choices[0].message.content == mine.answer
     print(f"EOS ignored, 48 tokens: {long.choices[0].message.content!r}")
+
+    # The web UI on top of vLLM: the same answer in the page.
+    bots = ask_in_browser(browser, url, DICOM, QUESTIONS[0])
+    assert words(bots[-1]) == words(local.ask(DICOM, QUESTIONS[0], SamplingParams(max_tokens=64)).answer), bots
 
     # Reports and localisation on top (medlava's engine over the same folder, loaded on first use).
     body = {"model": model, "image": dicom_message("")[0]["content"][0]["image_url"]["url"], "grounding": "none"}

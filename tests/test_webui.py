@@ -192,6 +192,27 @@ def browser():
         b.close()
 
 
+def ask_in_browser(browser, base: str, image: Path, question: str) -> list[str]:
+    """Upload `image` on the web UI at `base` and ask `question` in a fresh page; the conversation's
+    messages once the answer has arrived (the new-study line, then the answer)."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{base}/ui/")
+    page.wait_for_selector("#upload", timeout=60_000)
+    page.locator("input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#study-preview img", timeout=60_000)
+    page.fill("#question textarea", question)
+    page.press("#question textarea", "Enter")
+    deadline, bots = time.monotonic() + 60, []
+    while time.monotonic() < deadline and not (len(bots) == 2 and bots[-1].strip()):
+        page.wait_for_timeout(200)
+        bots = page.locator("#chat [data-testid=bot]").all_inner_texts()
+    page.close()
+    assert not errors, errors
+    return bots
+
+
 WATCH_CHAT = """() => {
   window.__answers = [];
   const chat = document.querySelector('#chat');
