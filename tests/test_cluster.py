@@ -175,6 +175,9 @@ def test_image_affinity_prefix_hits_and_a_killed_replica(cluster, model, browser
         explain = httpx.post(f"{server.url}/v1/explain", json=body, timeout=120)
         assert explain.status_code in (200, 422), explain.text  # 422: an answer with nothing to localise
         assert explain.status_code == 422 or explain.headers["x-medlava-replica"] == owner[seeds[0]]
+        too_long = server.chat(images[0], "why " * 3000)  # refused on the replica: a 400 with the replica's own words
+        assert too_long.status_code == 400 and "context" in too_long.text, too_long.text
+        assert not any(word in too_long.text for word in ("Traceback", "ray::", "pid=")), too_long.text
         study = tmp_path / "study.png"
         study.write_bytes(images[0])
         # the random model's answer is arbitrary bytes: that one arrives is what is checked here

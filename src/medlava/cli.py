@@ -318,6 +318,7 @@ def serve(
         DEFAULT_MAX_BODY_BYTES,
         DEFAULT_MAX_IMAGE_BYTES,
         create_app,
+        log_requests_to_stderr,
     )
 
     engine_kwargs = dict(vision_tower=vision_tower, dtype=dtype, device=device, quantization=quantization,
@@ -356,6 +357,8 @@ def serve(
 
         if num_gpus_per_replica:
             engine_kwargs["device"] = "cuda"
+        elif device != "cpu":
+            fail(f"--device {device} with --replicas needs --num-gpus-per-replica (Ray gives a replica no GPU without it)")
         application = run_guarded(
             cluster.build_application, None if model is None else str(model.resolve()),
             {k: str(v) if isinstance(v, Path) else v for k, v in engine_kwargs.items()}, app_options | {"ui": ui},
@@ -365,6 +368,7 @@ def serve(
         where = f"http://{host}:{port}"
         typer.echo(f"serving {replicas} replica(s) on Ray Serve at {where}/v1" + (f", the web UI on {where}/ui" if ui else ""),
                    err=True)
+        log_requests_to_stderr()  # this process's part; each replica's and the ingress' go to Ray's log folder
         run_guarded(cluster.run, application, host=host, port=port, ray_address=ray_address)
         return
     if max_replicas is not None or ray_address is not None:
@@ -379,20 +383,12 @@ def serve(
 def _serve_app(api, host: str, port: int, ui: bool) -> None:
     import uvicorn
 
-    _log_requests_to_stderr()
+    from medlava.serve.api import log_requests_to_stderr
+
+    log_requests_to_stderr()
     where = f"http://{host}:{port}"
     typer.echo(f"serving {api.state.model_name} on {where}/v1" + (f", the web UI on {where}/ui" if ui else ""), err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")
-
-
-def _log_requests_to_stderr() -> None:
-    import logging
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-    log = logging.getLogger("medlava")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)  # request ids, sizes, timings and addresses; never prompts, images or identifiers
 
 
 def _check_url(option: str, url: str) -> str:
@@ -413,10 +409,11 @@ def controller(
     to them (heartbeat expiry: $MEDLAVA_CONTROLLER_HEART_BEAT_EXPIRATION seconds, default 30)."""
     import uvicorn
 
+    from medlava.serve.api import log_requests_to_stderr
     from medlava.serve.controller import Controller, create_controller_app
 
     api = create_controller_app(run_guarded(Controller, dispatch))
-    _log_requests_to_stderr()
+    log_requests_to_stderr()
     typer.echo(f"controller on http://{host}:{port} (OpenAI API at /v1), dispatch {dispatch}", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")
 
@@ -448,6 +445,7 @@ def worker(
     import uvicorn
 
     from medlava.engine.async_engine import AsyncLLMEngine
+    from medlava.serve.api import log_requests_to_stderr
     from medlava.serve.worker import create_worker_app
 
     controller_url = _check_url("--controller", controller_url)
@@ -459,7 +457,7 @@ def worker(
     api = run_guarded(create_worker_app, engine, controller_url=controller_url, worker_address=worker_address,
                       limit_model_concurrency=limit_model_concurrency, model_name=model_name,
                       api_keys=api_key or ())
-    _log_requests_to_stderr()
+    log_requests_to_stderr()
     typer.echo(f"worker for {api.state.model_name} on {worker_address}, registering with {controller_url}", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")
 

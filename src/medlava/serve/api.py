@@ -72,6 +72,17 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_ANALYSIS_KV_MEMORY = 256 << 20  # the analysis engine's own KV pool (bytes), beside the serving one
 
 
+def log_requests_to_stderr() -> None:
+    """medlava's log at INFO on stderr: request ids, sizes, timings and addresses; never prompts,
+    images or identifiers. (Under `--replicas` each Ray actor's stderr goes to Ray's log folder.)"""
+    log = logging.getLogger("medlava")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 class APIError(Exception):
     """A refusal with its HTTP status, OpenAI error type and code."""
 
@@ -225,6 +236,7 @@ def create_app(
     shutdown_engine: bool = True,
     analyzer: Analyzer | None = None,
     analysis_kv_memory: int = DEFAULT_ANALYSIS_KV_MEMORY,
+    analysis_concurrency: int = 1,
     ui: bool = False,
 ) -> FastAPI:
     """The API over `engine`; `model_name` defaults to the model folder's name (`LoadedModel.name`).
@@ -233,6 +245,8 @@ def create_app(
     max_queue: requests in flight (queued or running) before new ones get 429.
     analyzer: what `/v1/reports` and `/v1/explain` run on; default a `SharedAnalyzer` on the
     engine's model with an `analysis_kv_memory`-byte KV pool of its own.
+    analysis_concurrency: analyses run at once (1 for one analyzer; more where `analyzer` spreads
+    them over replicas, whose `served_by` each call's thread reads back).
     ui: also mount the Gradio web UI at `/ui` (`serve/webui.py`), on the same engine and analyzer.
     """
     name = model_name or engine.model_name
@@ -242,7 +256,7 @@ def create_app(
     created = int(time.time())
     pending = 0  # requests admitted whose images are still being read (not yet counted by the engine)
     analyzer = analyzer or SharedAnalyzer(engine.engine.lm, kv_cache_memory=analysis_kv_memory)
-    analysis_lock = asyncio.Lock()  # one analysis at a time (the Analyzer's engine is single-threaded)
+    analysis_slots = asyncio.Semaphore(analysis_concurrency)  # an Analyzer's engine is single-threaded
     analyses = 0  # analyses admitted (waiting for the lock or running); they count against max_queue
     # Images are decoded one at a time: every extra thread holding the GIL slows the event loop's
     # replies (a burst of 32 DICOMs on the default pool held /health for 200+ ms).
@@ -388,13 +402,13 @@ def create_app(
         return JSONResponse(resp.model_dump(), headers=headers)
 
     async def analyse(rid: str, work, *args):
-        """Run `work(*args)` in a worker thread, one analysis at a time; the loop stays free."""
+        """Run `work(*args)` in a worker thread, `analysis_concurrency` at a time; the loop stays free."""
         nonlocal analyses
         admit()
         analyses += 1
         t0 = time.perf_counter()
         try:
-            async with analysis_lock:
+            async with analysis_slots:
                 return await asyncio.to_thread(work, *args)
         finally:
             analyses -= 1
@@ -409,8 +423,10 @@ def create_app(
             req, size = await parse(request, model_cls)
             study = await asyncio.get_running_loop().run_in_executor(readers, _load_image, req.image, limits)
             logger.info("%s: %d body bytes, %s", rid, size, describe.format(req=req))
-            out = await analyse(rid, work, req, study)
-            replica = getattr(analyzer, "served_by", None)  # read under no lock: one analysis at a time
+            def work_and_replica(*args):  # served_by is read in the thread that made the call
+                return work(*args), getattr(analyzer, "served_by", None)
+
+            out, replica = await analyse(rid, work_and_replica, req, study)
         except APIError as e:
             logger.info("%s: refused %d %s", rid, e.status, e.code)
             raise

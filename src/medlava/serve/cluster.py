@@ -19,6 +19,7 @@ local Ray instance starts. `pip install 'medlava[ray]'` brings Ray Serve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -46,6 +47,7 @@ except ImportError:  # serve.api and the CLI say how to get it when --replicas i
 
 ROUTINGS = ("image", "random")
 RETRIES = 3  # sends of a request whose replica died before it answered
+ANALYSES_AT_ONCE = 64  # reports/explanations the ingress forwards at once (each replica runs its own one at a time)
 MAX_ONGOING = 256  # requests a replica takes before Ray Serve holds more back (its engine batches up to 64)
 COALESCE_S = 0.05  # a stream's outputs within this long of the last one sent cross Ray as one
 
@@ -95,8 +97,9 @@ class EngineReplica:
         import torch
 
         from medlava.engine.async_engine import AsyncLLMEngine
-        from medlava.serve.api import DEFAULT_ANALYSIS_KV_MEMORY, SharedAnalyzer
+        from medlava.serve.api import DEFAULT_ANALYSIS_KV_MEMORY, SharedAnalyzer, log_requests_to_stderr
 
+        log_requests_to_stderr()
         if threads:
             torch.set_num_threads(threads)  # the CPUs Ray gave this replica, not the whole machine's
         self.engine = AsyncLLMEngine(model, **engine_kwargs)
@@ -109,18 +112,20 @@ class EngineReplica:
 
     async def generate(self, rid: str, params: SamplingParams, messages: list[dict], route_key: str | None = None):
         """The engine's outputs for one request, as (replica id, output, engine metrics on the last).
-        After the first, outputs that follow within COALESCE_S of the last one sent go as one (their
-        deltas joined): each item crossing Ray costs the replica's CPU what the engine needs."""
+        After the first, an output that comes within COALESCE_S of the last one sent is held and
+        goes with the next (their deltas joined; at most one engine step later): each item crossing
+        Ray costs the replica's CPU what the engine needs."""
         held, sent = None, 0.0
-        async for out in self.engine.generate(rid, params=params, messages=messages):
-            if held is not None:
-                out = dataclasses.replace(out, delta_text=held.delta_text + out.delta_text,
-                                          new_token_ids=held.new_token_ids + out.new_token_ids)
-            if out.finished or not sent or time.perf_counter() - sent >= COALESCE_S:
-                yield self.id, out, self.engine.metrics() if out.finished else None
-                held, sent = None, time.perf_counter()
-            else:
-                held = out
+        async with contextlib.aclosing(self.engine.generate(rid, params=params, messages=messages)) as outputs:
+            async for out in outputs:
+                if held is not None:
+                    out = dataclasses.replace(out, delta_text=held.delta_text + out.delta_text,
+                                              new_token_ids=held.new_token_ids + out.new_token_ids)
+                if out.finished or not sent or time.perf_counter() - sent >= COALESCE_S:
+                    yield self.id, out, self.engine.metrics() if out.finished else None
+                    held, sent = None, time.perf_counter()
+                else:
+                    held = out
 
     async def analyse(self, method: str, args: tuple, kwargs: dict, route_key: str | None = None):
         """(replica id, `Analyzer.<method>(*args, **kwargs)`), one analysis at a time, off the event loop."""
@@ -162,22 +167,28 @@ class RemoteEngine:
 
     async def generate(self, request_id: str, *, params: SamplingParams, messages: list[dict]) -> AsyncIterator[RequestOutput]:
         """The request's outputs from the replica its first image picks, each with `served_by`. A
-        replica that dies before its first output is replaced by another (up to RETRIES sends)."""
+        replica that dies (or cannot be reached) before its first output is replaced by another (up
+        to RETRIES sends, each under its own id); a replica's refusal (a prompt too long) is raised
+        as the replica raised it."""
         key = image_key(messages)
         self.in_flight += 1
         try:
             for attempt in range(RETRIES):
-                stream = self.handle.options(stream=True).generate.remote(request_id, params, messages, route_key=key)
-                started = False
+                rid = request_id if attempt == 0 else f"{request_id}-{attempt}"
+                stream = self.handle.options(stream=True).generate.remote(rid, params, messages, route_key=key)
+                replica = None
                 try:
                     async for replica, out, metrics in stream:
-                        started = True
                         if metrics is not None:
                             self.replica_metrics[replica] = metrics
-                        yield dataclasses.replace(out, served_by=replica)
+                        yield dataclasses.replace(out, request_id=request_id, served_by=replica)
                     return
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    if started or attempt == RETRIES - 1:
+                except ray.exceptions.RayTaskError as e:
+                    raise e.cause from None  # not Ray's traceback, which names the replica's host and files
+                except ray.exceptions.RayActorError:
+                    if replica is not None:  # it died mid-stream: its figures leave the sum
+                        self.replica_metrics.pop(replica, None)
+                    if replica is not None or attempt == RETRIES - 1:
                         raise
                     logger.info("%s: its replica died before answering; sending it again", request_id)
                 finally:
@@ -188,26 +199,33 @@ class RemoteEngine:
 
 class RemoteAnalyzer:
     """`Analyzer.report`/`.explain` on the replica the study's image picks (blocking: `create_app`
-    calls it from a worker thread); `served_by` is the replica of the last call (one at a time)."""
+    calls it from worker threads, several at once); `served_by` is the replica of this thread's
+    last call."""
 
     def __init__(self, handle):
         self.handle = handle
-        self.served_by: str | None = None
+        self.local = threading.local()
+
+    @property
+    def served_by(self) -> str | None:
+        return getattr(self.local, "served_by", None)
 
     def _call(self, method: str, study, *args, **kwargs):
         for attempt in range(RETRIES):
             try:
-                self.served_by, result = self.handle.analyse.remote(
+                self.local.served_by, result = self.handle.analyse.remote(
                     method, (study, *args), kwargs, route_key=study_key(study)).result()
                 return result
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause from None  # the replica's own error (nothing to localise, a bad image), not Ray's
+            except ray.exceptions.RayActorError:
                 if attempt == RETRIES - 1:
                     raise
 
     def report(self, study, params: SamplingParams | None = None, grounding: str | None = "occlusion"):
         return self._call("report", study, params, grounding=grounding)
 
-    def explain(self, study, question: str, method: str = "occlusion"):
+    def explain(self, study, question: str, method: str = "relevance"):
         return self._call("explain", study, question, method)
 
 
@@ -218,11 +236,12 @@ class Ingress:
         self.replicas, self.app_options = replicas, app_options
 
     async def __serve_build_asgi_app__(self):
-        from medlava.serve.api import create_app
+        from medlava.serve.api import create_app, log_requests_to_stderr
 
+        log_requests_to_stderr()
         info = await self.replicas.info.remote()
         return create_app(RemoteEngine(self.replicas, info), analyzer=RemoteAnalyzer(self.replicas),
-                          shutdown_engine=False, **self.app_options)
+                          shutdown_engine=False, analysis_concurrency=ANALYSES_AT_ONCE, **self.app_options)
 
 
 # -- the application -----------------------------------------------------------------------------

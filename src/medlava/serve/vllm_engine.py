@@ -11,6 +11,7 @@ template of its own, so the prompt is exactly the one medlava's engine would run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -78,20 +79,6 @@ def vllm_sampling(params: SamplingParams):
     )
 
 
-async def client_errors_as_value_errors(outputs):
-    """vLLM's outputs, its refusals of a request (too long, bad settings) raised as the ValueError
-    `create_app` answers with a 400."""
-    from vllm.exceptions import VLLMClientError
-
-    try:
-        async for out in outputs:
-            yield out
-    except VLLMClientError as e:
-        raise ValueError(str(e)) from None
-    finally:
-        await outputs.aclose()  # an early exit aborts the request in vLLM
-
-
 class VLLMEngine:
     """vLLM's `AsyncLLM` behind the methods `create_app` calls: `generate`, `num_unfinished`,
     `metrics`, `shutdown`, `model_name` and `conv_mode`."""
@@ -123,8 +110,11 @@ class VLLMEngine:
         self.image_token_id = cfg.image_token_id
         self.processing = ImageProcessing.from_file(folder / "preprocessor_config.json", aspect_ratio(raw),
                                                     cfg.vision.image_size)
-        if kv_cache_memory is None and current_platform.is_cpu():
-            kv_cache_memory = DEFAULT_CPU_KV_MEMORY  # as medlava's engine; vLLM's own CPU default takes most of RAM
+        if current_platform.is_cpu():
+            if ray:
+                raise MedlavaError("vLLM's CPU build runs no Ray workers: --ray-address with --backend vllm needs GPUs")
+            if kv_cache_memory is None:
+                kv_cache_memory = DEFAULT_CPU_KV_MEMORY  # as medlava's engine; vLLM's own CPU default takes most of RAM
         args = AsyncEngineArgs(
             model=str(folder), dtype=dtype or "auto", seed=0, max_model_len=cfg.text.max_position_embeddings,
             enable_prefix_caching=True, limit_mm_per_prompt={"image": MAX_IMAGES},
@@ -162,28 +152,35 @@ class VLLMEngine:
 
     async def generate(self, request_id: str, *, params: SamplingParams, messages: list[dict]
                        ) -> AsyncIterator[RequestOutput]:
-        """vLLM's outputs for one request as medlava's `RequestOutput`s (closing the generator aborts it)."""
+        """vLLM's outputs for one request as medlava's `RequestOutput`s (closing the generator aborts
+        it); vLLM's refusals of a request (too long, bad settings) as the ValueError `create_app`
+        answers with a 400."""
+        from vllm.exceptions import VLLMClientError
+
         metrics = RequestMetrics(arrival_time=time.perf_counter())
-        prompt = await asyncio.get_running_loop().run_in_executor(None, self.prompt, messages)
-        sampling = vllm_sampling(params)
-        outputs = self.engine.generate(prompt, sampling, request_id)
-        self.in_flight += 1
+        self.in_flight += 1  # from the start: create_app's admission counts it once it is handed over
         text, token_ids = "", []
         try:
-            async for out in client_errors_as_value_errors(outputs):
-                done = out.outputs[0]
-                delta, new = done.text, list(done.token_ids)
-                text, token_ids = text + delta, token_ids + new
-                if metrics.first_token_time is None and new:
-                    metrics.first_token_time = metrics.first_scheduled_time = time.perf_counter()
-                metrics.prompt_tokens, metrics.output_tokens = len(out.prompt_token_ids), len(token_ids)
-                metrics.cached_prompt_tokens = out.num_cached_tokens or 0
-                if out.finished:
-                    metrics.finished_time = time.perf_counter()
-                    self.count(metrics, len(prompt.get("multi_modal_data", {}).get("image", ())))
-                yield RequestOutput(request_id, text, token_ids, delta_text=delta, new_token_ids=new,
-                                    finished=out.finished, finish_reason=done.finish_reason if out.finished else None,
-                                    prompt_token_ids=list(out.prompt_token_ids), metrics=metrics)
+            prompt = await asyncio.get_running_loop().run_in_executor(None, self.prompt, messages)
+            outputs = self.engine.generate(prompt, vllm_sampling(params), request_id)
+            async with contextlib.aclosing(outputs):  # leaving early aborts the request in vLLM
+                async for out in outputs:
+                    done = out.outputs[0]
+                    delta, new = done.text, list(done.token_ids)
+                    text, token_ids = text + delta, token_ids + new
+                    if metrics.first_token_time is None and new:
+                        metrics.first_token_time = metrics.first_scheduled_time = time.perf_counter()
+                    metrics.prompt_tokens, metrics.output_tokens = len(out.prompt_token_ids), len(token_ids)
+                    metrics.cached_prompt_tokens = out.num_cached_tokens or 0
+                    if out.finished:
+                        metrics.finished_time = time.perf_counter()
+                        self.count(metrics, len(prompt.get("multi_modal_data", {}).get("image", ())))
+                    yield RequestOutput(request_id, text, token_ids, delta_text=delta, new_token_ids=new,
+                                        finished=out.finished,
+                                        finish_reason=done.finish_reason if out.finished else None,
+                                        prompt_token_ids=list(out.prompt_token_ids), metrics=metrics)
+        except VLLMClientError as e:
+            raise ValueError(str(e)) from None
         finally:
             self.in_flight -= 1
 
@@ -211,12 +208,15 @@ class FolderAnalyzer:
             from medlava.analysis.vqa import Analyzer
 
             logger.info("loading medlava's engine for reports and localisation")
-            self._analyzer = Analyzer(self.folder, **self.kwargs)
+            try:
+                self._analyzer = Analyzer(self.folder, **self.kwargs)
+            except MedlavaError as e:  # the server's fault, not the request's: a 500, logged
+                raise RuntimeError(f"reports and localisation are unavailable: {e}") from None
         return self._analyzer
 
     def report(self, study, params: SamplingParams | None = None, grounding: str | None = "occlusion"):
         return self._get().report(study, params, grounding=grounding)
 
-    def explain(self, study, question: str, method: str = "occlusion"):
+    def explain(self, study, question: str, method: str = "relevance"):
         return self._get().explain(study, question, method)
 
