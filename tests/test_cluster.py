@@ -9,7 +9,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from PIL import Image
 
 from medlava.imaging import load_study
 from medlava.serve.routing import preference, study_key
+from tests.test_serve import free_port
 from tests.test_webui import ask_in_browser, browser  # noqa: F401 (the fixture: Debian's chromium through Playwright)
 
 # Every Ray address on loopback (Ray's single-machine mode; the serve process inherits it).
@@ -38,12 +38,6 @@ except ImportError:  # make test installs medlava[ray]; under CI=true its absenc
 
 QUESTIONS = ["What modality is this?", "Is there a pleural effusion?", "Which side is it on?", "Describe the findings."]
 REPLICA_PREFIX = "SERVE_REPLICA::medlava#EngineReplica#"  # Ray Serve's name for a replica actor, then its id
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(seed: int) -> bytes:

@@ -32,6 +32,13 @@ QUESTION = "Is there a pleural effusion on this film?"
 MAX_BODY, MAX_IMAGE = 1 << 20, 300_000
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server started in its own process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def data_url(path: Path, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 

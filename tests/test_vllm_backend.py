@@ -8,12 +8,9 @@ token ids, image padding and pixels reach both models."""
 
 from __future__ import annotations
 
-import base64
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pydicom
@@ -26,18 +23,12 @@ import openai  # noqa: E402
 from medlava import Analyzer, SamplingParams  # noqa: E402
 from medlava.chat.tokenize import tokenize_prompt  # noqa: E402
 from medlava.model.demo import DEMO_MODEL  # noqa: E402
+from tests.test_serve import DICOM, data_url, free_port, image_message  # noqa: E402
 from tests.test_webui import ask_in_browser, browser, words  # noqa: E402, F401 (the fixture)
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-DICOM = SAMPLES / "phantom_chest_effusion.dcm"
+DICOM_URL = data_url(DICOM, "application/dicom")
 QUESTIONS = ["Is there a pleural effusion on this film?", "Which side is it on?", "What modality is this?",
              "Describe the findings."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +56,6 @@ def server(tmp_path_factory):
     proc.wait(timeout=120)
 
 
-def dicom_message(question: str) -> list[dict]:
-    url = "data:application/dicom;base64," + base64.b64encode(DICOM.read_bytes()).decode()
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": question}]}]
-
-
 def test_openai_sdk_with_a_dicom_answers_as_medlavas_engine(server, browser):  # noqa: F811
     url, log = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
@@ -78,20 +63,20 @@ def test_openai_sdk_with_a_dicom_answers_as_medlavas_engine(server, browser):  #
     local = Analyzer(DEMO_MODEL, dtype="float32")
     cfg = local.lm.config
     for question in QUESTIONS:
-        reply = client.chat.completions.create(model=model, messages=dicom_message(question), max_tokens=64)
+        reply = client.chat.completions.create(model=model, messages=image_message(DICOM_URL, question), max_tokens=64)
         mine = local.ask(DICOM, question, SamplingParams(max_tokens=64))
         assert reply.choices[0].message.content == mine.answer, question
         # medlava's prompt, its image expanded to the tokens medlava's model gets, is what vLLM's ran
         assert reply.usage.prompt_tokens == len(tokenize_prompt(local.lm.tokenizer, mine.prompt, cfg.image_token_id,
                                                                 cfg.image_tokens))
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-            model=model, messages=dicom_message(question), max_tokens=64, stream=True))
+            model=model, messages=image_message(DICOM_URL, question), max_tokens=64, stream=True))
         assert streamed == mine.answer
         print(f"{question!r}: vLLM {reply.choices[0].message.content!r} = medlava {mine.answer!r}, "
               f"{reply.usage.prompt_tokens} prompt tokens")
 
     # Past the end of the answer too (EOS ignored): 48 tokens of the same greedy path.
-    long = client.chat.completions.create(model=model, messages=dicom_message(QUESTIONS[3]), max_tokens=48,
+    long = client.chat.completions.create(model=model, messages=image_message(DICOM_URL, QUESTIONS[3]), max_tokens=48,
                                           extra_body={"ignore_eos": True})
     mine = local.ask(DICOM, QUESTIONS[3], SamplingParams(max_tokens=48, ignore_eos=True))
     assert long.usage.completion_tokens == len(mine.token_ids) == 48 and long.choices[0].message.content == mine.answer
@@ -102,14 +87,14 @@ def test_openai_sdk_with_a_dicom_answers_as_medlavas_engine(server, browser):  #
     assert words(bots[-1]) == words(local.ask(DICOM, QUESTIONS[0], SamplingParams(max_tokens=64)).answer), bots
 
     # Reports and localisation on top (medlava's engine over the same folder, loaded on first use).
-    body = {"model": model, "image": dicom_message("")[0]["content"][0]["image_url"]["url"], "grounding": "none"}
+    body = {"model": model, "image": DICOM_URL, "grounding": "none"}
     report = httpx.post(f"{url}/v1/reports", json=body | {"format": "fhir"}, timeout=300)
     assert report.status_code == 200 and report.json()["resourceType"] == "Bundle"
 
     # Bad input: a 4xx JSON error, and the server keeps serving.
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=model, messages=dicom_message("why " * 3000), max_tokens=8)
-    assert client.chat.completions.create(model=model, messages=dicom_message(QUESTIONS[0]), max_tokens=4).choices
+        client.chat.completions.create(model=model, messages=image_message(DICOM_URL, "why " * 3000), max_tokens=8)
+    assert client.chat.completions.create(model=model, messages=image_message(DICOM_URL, QUESTIONS[0]), max_tokens=4).choices
 
     # No patient identifier reached the server's log (vLLM's included).
     ds = pydicom.dcmread(DICOM)

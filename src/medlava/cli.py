@@ -365,9 +365,7 @@ def serve(
             replicas=replicas, max_replicas=max_replicas, num_cpus=num_cpus_per_replica,
             num_gpus=num_gpus_per_replica, routing=routing,
         )
-        where = f"http://{host}:{port}"
-        typer.echo(f"serving {replicas} replica(s) on Ray Serve at {where}/v1" + (f", the web UI on {where}/ui" if ui else ""),
-                   err=True)
+        typer.echo(f"serving {replicas} replica(s) on Ray Serve at {_addresses(host, port, ui)}", err=True)
         log_requests_to_stderr()  # this process's part; each replica's and the ingress' go to Ray's log folder
         run_guarded(cluster.run, application, host=host, port=port, ray_address=ray_address)
         return
@@ -386,9 +384,13 @@ def _serve_app(api, host: str, port: int, ui: bool) -> None:
     from medlava.serve.api import log_requests_to_stderr
 
     log_requests_to_stderr()
-    where = f"http://{host}:{port}"
-    typer.echo(f"serving {api.state.model_name} on {where}/v1" + (f", the web UI on {where}/ui" if ui else ""), err=True)
+    typer.echo(f"serving {api.state.model_name} on {_addresses(host, port, ui)}", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+def _addresses(host: str, port: int, ui: bool) -> str:
+    where = f"http://{host}:{port}"
+    return f"{where}/v1" + (f", the web UI on {where}/ui" if ui else "")
 
 
 def _check_url(option: str, url: str) -> str:

@@ -133,7 +133,6 @@ def quantized_layers(model: nn.Module, method: str, dtype: torch.dtype) -> dict[
     the checkpoint name of their weight (what `QuantizedLinear.load_weight` is to receive)."""
     from medlava.model.decoder import DecoderLayer, Linear
 
-    check_quantization(method)
     out = {}
     for layer_name, layer in model.named_modules():
         if not isinstance(layer, DecoderLayer):

@@ -92,6 +92,11 @@ class APIError(Exception):
         self.status, self.message, self.code, self.type, self.headers = status, message, code, type_, headers
 
 
+def response_headers(rid: str, replica: str | None) -> dict[str, str]:
+    """A response's request id, and the replica that served it where there are several (--replicas)."""
+    return {"X-Request-Id": rid} | ({"X-Medlava-Replica": replica} if replica else {})
+
+
 def error_response(status: int, message: str, code: str | None, type_: str = "invalid_request_error",
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=type_, code=code))
@@ -257,7 +262,7 @@ def create_app(
     pending = 0  # requests admitted whose images are still being read (not yet counted by the engine)
     analyzer = analyzer or SharedAnalyzer(engine.engine.lm, kv_cache_memory=analysis_kv_memory)
     analysis_slots = asyncio.Semaphore(analysis_concurrency)  # an Analyzer's engine is single-threaded
-    analyses = 0  # analyses admitted (waiting for the lock or running); they count against max_queue
+    analyses = 0  # analyses admitted (waiting for a slot or running); they count against max_queue
     # Images are decoded one at a time: every extra thread holding the GIL slows the event loop's
     # replies (a burst of 32 DICOMs on the default pool held /health for 200+ ms).
     readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medlava-images")
@@ -381,7 +386,7 @@ def create_app(
             raise
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        headers = {"X-Request-Id": rid} | ({"X-Medlava-Replica": first.served_by} if first.served_by else {})
+        headers = response_headers(rid, first.served_by)
         if req.stream:
             return StreamingResponse(
                 _stream(rid, first, gen, include_usage, t0),
@@ -423,6 +428,7 @@ def create_app(
             req, size = await parse(request, model_cls)
             study = await asyncio.get_running_loop().run_in_executor(readers, _load_image, req.image, limits)
             logger.info("%s: %d body bytes, %s", rid, size, describe.format(req=req))
+
             def work_and_replica(*args):  # served_by is read in the thread that made the call
                 return work(*args), getattr(analyzer, "served_by", None)
 
@@ -430,7 +436,7 @@ def create_app(
         except APIError as e:
             logger.info("%s: refused %d %s", rid, e.status, e.code)
             raise
-        return JSONResponse(out, headers={"X-Request-Id": rid} | ({"X-Medlava-Replica": replica} if replica else {}))
+        return JSONResponse(out, headers=response_headers(rid, replica))
 
     def draft_report(req: ReportRequest, study) -> dict:
         params = SamplingParams(max_tokens=req.max_tokens or 512)
