@@ -10,6 +10,7 @@ $(BIN)/medlava: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,ray]'
 	$(BIN)/python -m medlava.kernels  # build the CPU kernels now, not on the first request
+	bash scripts/install_tcmalloc.sh  # the allocator the medlava command preloads (where root and apt-get allow)
 	touch $@
 
 setup: $(BIN)/medlava

@@ -37,36 +37,46 @@ import time
 from pathlib import Path
 
 from medlava.errors import MedlavaError
+from medlava.launch import with_tcmalloc
 from medlava.model.quant import check_quantization
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def measure_rooflines() -> dict:
-    """This machine's peak rates, measured in the run (machines differ: AVX-512 or
-    AMX, memory bandwidth): matmul GFLOP/s per dtype (best of 2048^3 products) and the weight
-    streaming GB/s batch-1 decode can reach (best of a 256 MB read and a 128 MB bf16 GEMV)."""
-    import torch
-    import torch.nn.functional as F
-
-    def best(f, n: int = 5) -> float:
+def _best_time(f, n: int = 5) -> float:
+    f()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
         f()
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_rooflines() -> dict:
+    """This machine's peak matmul GFLOP/s per dtype (best of 2048^3 products), measured in the run
+    (machines differ: AVX-512 or AMX)."""
+    import torch
 
     out = {}
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        out[name] = 2 * 2048**3 / best(lambda: torch.mm(a, b)) / 1e9  # noqa: B023
+        out[name] = 2 * 2048**3 / _best_time(lambda: torch.mm(a, b)) / 1e9  # noqa: B023
+    return out
+
+
+def streaming_gbs() -> float:
+    """The GB/s at which this machine streams weights, the most batch-1 decode can reach: the best of
+    a 256 MB read and a 128 MB bf16 GEMV. Measured in the engine's worker right after its batch-1
+    decode, since the host's memory bandwidth drifts over minutes (other tenants)."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.randn(64 << 20)
     w, v = torch.randn(16384, 4096, dtype=torch.bfloat16), torch.randn(1, 4096, dtype=torch.bfloat16)
-    out["decode_gbs"] = max(x.nbytes / best(x.sum), w.nbytes / best(lambda: F.linear(v, w))) / 1e9
-    return out
+    return max(x.nbytes / _best_time(x.sum), w.nbytes / _best_time(lambda: F.linear(v, w))) / 1e9
+
 
 MODEL_DIMS = dict(
     text_model="mistral",
@@ -428,6 +438,7 @@ def worker_engine(
     result["peak_rss_mb"] = peak_rss_mb()
     result["kv_cache_mb"] = engine.runner.pool.nbytes / 2**20
     assert engine.block_manager.all_free()
+    result["b1_roofline_gbs"] = streaming_gbs()  # after the peak RSS: its buffers are not the engine's
     return result
 
 
@@ -437,6 +448,8 @@ def worker_engine(
 def _spawn(args: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(args)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args["mode"] == "c":  # the engine as the `medlava` command runs it (medlava/launch.py: tcmalloc)
+        env = with_tcmalloc(env) or env
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise MedlavaError(f"benchmark worker {args['mode']} {args['dtype']} failed:\n{proc.stderr[-3000:]}")
@@ -549,7 +562,7 @@ def format_table(
     results: dict, n_req: int, out_tokens: int, subset: int, quick: bool = False, block_size: int = 16, *,
     rooflines: dict,
 ) -> str:
-    """The results as Markdown; `rooflines` from measure_rooflines()."""
+    """The results as Markdown; `rooflines` from measure_rooflines(), the streaming roofline from (c)'s own run."""
     names = {
         "a": f"(a) HF generate, one at a time (first {subset} of {n_req})",
         "b": "(b) HF generate, static batches of 16",
@@ -577,7 +590,7 @@ def format_table(
     checks = []
     for dtype, modes in results.items():
         a, b, c = modes["a"], modes["b"], modes["c"]
-        roof, roof_gbs = rooflines[dtype], rooflines["decode_gbs"]
+        roof, roof_gbs = rooflines[dtype], c["b1_roofline_gbs"]
         ca, cb = c["tok_per_s"] / a["tok_per_s"], c["tok_per_s"] / b["tok_per_s"]
         fu = c["follow_up_ttft_s"] / c["first_ttft_s"]
         b1 = c["b1_decode_gbs"] / roof_gbs

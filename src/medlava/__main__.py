@@ -1,3 +1,3 @@
-from medlava.cli import app
+from medlava.launch import main
 
-app()
+main()

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.cpp", "fused.cpp", "quant.cpp")]
 # ATen's vector code picks its instruction set from these macros (as torch's own CPU kernels do).
+_AVX512 = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 CAPABILITY_FLAGS = {
-    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-               "-mavx512dq", "-mfma"],
+    "AVX512": _AVX512,
+    "AVX512_BF16": [*_AVX512, "-mavx512bf16"],  # + bf16 attention on vdpbf16ps (csrc/paged_attention.cpp)
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
 
@@ -61,10 +62,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medlava" / "kernels"
 
 
+def _has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (bf16 attention then runs on its dot-product instruction)."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
 def _build():
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512" and _has_avx512_bf16():
+        capability = "AVX512_BF16"
     # One build folder per content of csrc/ (headers included) and instruction set: checkouts or
     # versions side by side never rebuild each other's, and a changed source always rebuilds.
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(CSRC.iterdir()))).hexdigest()[:16]

@@ -7,12 +7,21 @@
 // The pool is head-major within a block so that both products vectorise without reductions:
 // K [blocks, kv_heads, head_dim, block_size] (tokens are the vector lanes of q.k) and
 // V [blocks, kv_heads, block_size, head_dim] (dimensions are the lanes of p.v).
+// bfloat16 on a CPU with AVX512-BF16 (medlava/kernels builds with it where the CPU has it): both
+// products run on `vdpbf16ps`, two bf16 products per float32 lane and instruction (half the
+// multiply-adds), the segment's K and V kept as bf16 pairs rather than converted to float32, and
+// the softmax weights rounded to bf16 for p.v as torch's own CPU flash attention rounds them.
 // Built on first use by medlava/kernels/__init__.py, with ATen's at::vec for the CPU it runs on.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -54,10 +63,35 @@ struct Kernel {
   std::vector<float> p;    // [kRowTile, kSegment] scores, then their exponentials
   std::vector<Row> rows;
 
+#if defined(__AVX512BF16__)
+  // The bf16 dot-product path: its scratch holds pairs of bf16 (the operands of vdpbf16ps) as uint32.
+  static constexpr bool kDotTypes = std::is_same_v<T, c10::BFloat16> && VS == 16;
+  bool dot = false;              // this call takes it (bf16, an even head_dim)
+  std::vector<uint32_t> qb;      // [rows (+ a tile of zeros), head_dim / 2] the queries, unscaled
+  std::vector<uint32_t> kb;      // [kSegment / VS, head_dim / 2, VS] dims (2i, 2i+1) of VS tokens
+  std::vector<uint32_t> vb;      // [kSegment / 2, dp] tokens (2j, 2j+1) of each dimension
+  std::vector<c10::BFloat16> pb; // [kRowTile, kSegment] the softmax weights, rounded
+#else
+  static constexpr bool kDotTypes = false;
+  bool dot = false;
+#endif
+
   void start(int64_t n_rows) {
     dp = (head_dim + VS - 1) / VS * VS;
     rows.clear();
+#if defined(__AVX512BF16__)
+    dot = kDotTypes && head_dim % 2 == 0;
+    if (dot) {
+      qb.assign((n_rows + kRowTile) * head_dim / 2, 0u);
+      kb.resize(kSegment * head_dim / 2);
+      vb.resize(kSegment / 2 * dp);
+      pb.resize(kRowTile * kSegment);
+    } else {
+      qf.assign((n_rows + kRowTile) * head_dim, 0.f);
+    }
+#else
     qf.assign((n_rows + kRowTile) * head_dim, 0.f);
+#endif
     acc.assign(n_rows * dp, 0.f);
     m.assign(n_rows, kNegInf);
     l.assign(n_rows, 0.f);
@@ -71,8 +105,12 @@ struct Kernel {
     for (int64_t i = 0; i < per; ++i) {
       const int64_t head = h * per + i;
       const T* src = q + q_row * q_stride_tok + head * q_stride_head;
-      float* dst = &qf[rows.size() * head_dim];
-      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+      if (dot) {  // the scale is applied to the scores instead: q stays exact
+        std::memcpy(&qb[rows.size() * head_dim / 2], src, head_dim * sizeof(T));
+      } else {
+        float* dst = &qf[rows.size() * head_dim];
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+      }
       rows.push_back({q_row * heads + head, pos});
     }
   }
@@ -109,89 +147,230 @@ struct Kernel {
   // a segment of tokens at a time, its scores for all rows first, then one softmax update per row
   // and segment (long independent multiply-add chains rather than a short dependent one per token).
   void attend(int64_t r0, int64_t r1, const int32_t* table, int64_t t0, int64_t t1, int64_t h) {
-    const Vec lanes = Vec::arange(0.f, 1.f);
-    const int64_t D = head_dim;
     for (int64_t seg = t0; seg < t1; seg += kSegment) {
       const int64_t n = std::min(kSegment, t1 - seg), chunks = (n + VS - 1) / VS;
-      load_segment(table, seg, n, h);
+      if (dot) {
+        load_segment_dot(table, seg, n, h);
+      } else {
+        load_segment(table, seg, n, h);
+      }
       for (int64_t rt = r0; rt < r1; rt += kRowTile) {
         const int64_t nr = std::min(kRowTile, r1 - rt);
-        const float* __restrict qt = &qf[rt * D];
-        // Scores: kRowTile rows x two chunks of VS tokens at a time (eight independent chains).
-        for (int64_t c = 0; c < chunks; c += 2) {
-          const bool two = c + 1 < chunks;
-          const float* __restrict k0 = &kt[c * D * VS];
-          const float* __restrict k1 = two ? k0 + D * VS : k0;
-          Vec s0[kRowTile], s1[kRowTile];
-          for (int64_t i = 0; i < kRowTile; ++i) s0[i] = s1[i] = Vec(0.f);
-          for (int64_t d = 0; d < D; ++d) {
-            const Vec a = Vec::loadu(k0 + d * VS), b = Vec::loadu(k1 + d * VS);
-            for (int64_t i = 0; i < kRowTile; ++i) {
-              const Vec qd(qt[i * D + d]);
-              s0[i] = at::vec::fmadd(qd, a, s0[i]);
-              s1[i] = at::vec::fmadd(qd, b, s1[i]);
-            }
-          }
-          for (int64_t i = 0; i < kRowTile; ++i) {
-            s0[i].store(&p[i * kSegment + c * VS]);
-            if (two) s1[i].store(&p[i * kSegment + (c + 1) * VS]);
-          }
-        }
-        // Softmax update per row: mask what it may not see, new max, rescale, exponentials.
         float alpha[kRowTile];
-        for (int64_t i = 0; i < nr; ++i) {
-          const int64_t r = rt + i, pos = rows[r].pos;
-          const int64_t a = window > 0 ? pos - window + 1 - seg : 0;  // lanes [a, b) are visible
-          const int64_t b = std::min(n, pos + 1 - seg);
-          float* __restrict pi = &p[i * kSegment];
-          Vec mx(kNegInf);
-          for (int64_t c = 0; c < chunks; ++c) {
-            Vec sc = Vec::loadu(pi + c * VS);
-            if (c * VS < a || (c + 1) * VS > b) {
-              const Vec at = lanes + Vec(static_cast<float>(c * VS));
-              sc = Vec::blendv(Vec(kNegInf), sc, (at >= Vec(static_cast<float>(a))) & (at < Vec(static_cast<float>(b))));
-              sc.store(pi + c * VS);
-            }
-            mx = at::vec::maximum(mx, sc);
-          }
-          const float m_new = std::max(m[r], mx.reduce_max());
-          if (m_new == kNegInf) {  // nothing visible in this segment
-            alpha[i] = 1.f;
-            for (int64_t c = 0; c < chunks; ++c) Vec(0.f).store(pi + c * VS);
-            continue;
-          }
-          alpha[i] = std::exp(m[r] - m_new);  // 0 on the first segment a row sees
-          Vec sum(0.f);
-          for (int64_t c = 0; c < chunks; ++c) {
-            const Vec e = (Vec::loadu(pi + c * VS) - Vec(m_new)).exp_u20();
-            e.store(pi + c * VS);
-            sum = sum + e;
-          }
-          l[r] = l[r] * alpha[i] + sum.reduce_add();
-          m[r] = m_new;
-        }
-        // acc = acc * alpha + p . v, kRowTile rows x four vectors of head_dim at a time.
-        for (int64_t d = 0; d < dp; d += 4 * VS) {
-          const int64_t nv = std::min<int64_t>(4, (dp - d) / VS);
-          Vec o[kRowTile][4];
-          for (int64_t i = 0; i < kRowTile; ++i)
-            for (int64_t w = 0; w < 4; ++w)
-              o[i][w] = i < nr && w < nv ? Vec::loadu(&acc[(rt + i) * dp + d + w * VS]) * Vec(alpha[i]) : Vec(0.f);
-          for (int64_t j = 0; j < n; ++j) {
-            const float* __restrict v = &vf[j * dp + d];
-            Vec vj[4];
-            for (int64_t w = 0; w < 4; ++w) vj[w] = w < nv ? Vec::loadu(v + w * VS) : Vec(0.f);
-            for (int64_t i = 0; i < kRowTile; ++i) {
-              const Vec pj(p[i * kSegment + j]);
-              for (int64_t w = 0; w < 4; ++w) o[i][w] = at::vec::fmadd(pj, vj[w], o[i][w]);
-            }
-          }
-          for (int64_t i = 0; i < nr; ++i)
-            for (int64_t w = 0; w < nv; ++w) o[i][w].store(&acc[(rt + i) * dp + d + w * VS]);
+        if (dot) {
+          scores_dot(rt, chunks);
+          softmax(rt, nr, seg, n, chunks, alpha);
+          values_dot(rt, nr, n, alpha);
+        } else {
+          scores(rt, chunks);
+          softmax(rt, nr, seg, n, chunks, alpha);
+          values(rt, nr, n, alpha);
         }
       }
     }
   }
+
+  // Scores of rows [rt, rt + kRowTile) over the segment's chunks: kRowTile rows x two chunks of VS
+  // tokens at a time (eight independent chains), into p.
+  void scores(int64_t rt, int64_t chunks) {
+    const int64_t D = head_dim;
+    const float* __restrict qt = &qf[rt * D];
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const bool two = c + 1 < chunks;
+      const float* __restrict k0 = &kt[c * D * VS];
+      const float* __restrict k1 = two ? k0 + D * VS : k0;
+      Vec s0[kRowTile], s1[kRowTile];
+      for (int64_t i = 0; i < kRowTile; ++i) s0[i] = s1[i] = Vec(0.f);
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec a = Vec::loadu(k0 + d * VS), b = Vec::loadu(k1 + d * VS);
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          const Vec qd(qt[i * D + d]);
+          s0[i] = at::vec::fmadd(qd, a, s0[i]);
+          s1[i] = at::vec::fmadd(qd, b, s1[i]);
+        }
+      }
+      for (int64_t i = 0; i < kRowTile; ++i) {
+        s0[i].store(&p[i * kSegment + c * VS]);
+        if (two) s1[i].store(&p[i * kSegment + (c + 1) * VS]);
+      }
+    }
+  }
+
+  // Softmax update per row: mask what it may not see, new max, rescale, exponentials; alpha gets
+  // each row's rescaling of what it had accumulated.
+  void softmax(int64_t rt, int64_t nr, int64_t seg, int64_t n, int64_t chunks, float* alpha) {
+    const Vec lanes = Vec::arange(0.f, 1.f);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t r = rt + i, pos = rows[r].pos;
+      const int64_t a = window > 0 ? pos - window + 1 - seg : 0;  // lanes [a, b) are visible
+      const int64_t b = std::min(n, pos + 1 - seg);
+      float* __restrict pi = &p[i * kSegment];
+      Vec mx(kNegInf);
+      for (int64_t c = 0; c < chunks; ++c) {
+        Vec sc = Vec::loadu(pi + c * VS);
+        if (c * VS < a || (c + 1) * VS > b) {
+          const Vec at = lanes + Vec(static_cast<float>(c * VS));
+          sc = Vec::blendv(Vec(kNegInf), sc, (at >= Vec(static_cast<float>(a))) & (at < Vec(static_cast<float>(b))));
+          sc.store(pi + c * VS);
+        }
+        mx = at::vec::maximum(mx, sc);
+      }
+      const float m_new = std::max(m[r], mx.reduce_max());
+      if (m_new == kNegInf) {  // nothing visible in this segment
+        alpha[i] = 1.f;
+        for (int64_t c = 0; c < chunks; ++c) Vec(0.f).store(pi + c * VS);
+        continue;
+      }
+      alpha[i] = std::exp(m[r] - m_new);  // 0 on the first segment a row sees
+      Vec sum(0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Vec e = (Vec::loadu(pi + c * VS) - Vec(m_new)).exp_u20();
+        e.store(pi + c * VS);
+        sum = sum + e;
+      }
+      l[r] = l[r] * alpha[i] + sum.reduce_add();
+      m[r] = m_new;
+    }
+  }
+
+  // acc = acc * alpha + p . v, kRowTile rows x four vectors of head_dim at a time.
+  void values(int64_t rt, int64_t nr, int64_t n, const float* alpha) {
+    for (int64_t d = 0; d < dp; d += 4 * VS) {
+      const int64_t nv = std::min<int64_t>(4, (dp - d) / VS);
+      Vec o[kRowTile][4];
+      for (int64_t i = 0; i < kRowTile; ++i)
+        for (int64_t w = 0; w < 4; ++w)
+          o[i][w] = i < nr && w < nv ? Vec::loadu(&acc[(rt + i) * dp + d + w * VS]) * Vec(alpha[i]) : Vec(0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* __restrict v = &vf[j * dp + d];
+        Vec vj[4];
+        for (int64_t w = 0; w < 4; ++w) vj[w] = w < nv ? Vec::loadu(v + w * VS) : Vec(0.f);
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          const Vec pj(p[i * kSegment + j]);
+          for (int64_t w = 0; w < 4; ++w) o[i][w] = at::vec::fmadd(pj, vj[w], o[i][w]);
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t w = 0; w < nv; ++w) o[i][w].store(&acc[(rt + i) * dp + d + w * VS]);
+    }
+  }
+
+#if defined(__AVX512BF16__)
+  static uint32_t bits(const T* x) {  // a bf16's 16 bits (only called where T is bf16)
+    uint16_t b;
+    std::memcpy(&b, x, sizeof b);
+    return b;
+  }
+
+  // Dims (2i, 2i+1) of 16 tokens side by side, from two rows of 16 bf16: [a0 b0 a1 b1 ...].
+  static __m512i interleave(__m256i a, __m256i b) {
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+  }
+
+  // The segment's tokens [t0, t0 + n) of KV head h as bf16 pairs: kb (dims 2i, 2i+1 of each token)
+  // and vb (tokens 2j, 2j+1 of each dimension); lanes past n hold zeros.
+  void load_segment_dot(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
+    const int64_t tile = head_dim * block_size, half = head_dim / 2;
+    for (int64_t c = 0; c * VS < n; ++c) {
+      uint32_t* dst = &kb[c * half * VS];
+      const int64_t t = t0 + c * VS, off = t % block_size, lanes = std::min(VS, n - c * VS);
+      if (lanes == VS && off + VS <= block_size) {  // VS tokens side by side in one block
+        const T* k = k_cache + (table[t / block_size] * kv_heads + h) * tile + off;
+        for (int64_t i = 0; i < half; ++i) {
+          const auto a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 2 * i * block_size));
+          const auto b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + (2 * i + 1) * block_size));
+          _mm512_storeu_si512(dst + i * VS, interleave(a, b));
+        }
+      } else {
+        for (int64_t j = 0; j < VS; ++j) {
+          const int64_t tj = t + j;
+          const T* k = k_cache + (table[tj / block_size] * kv_heads + h) * tile + tj % block_size;
+          for (int64_t i = 0; i < half; ++i)
+            dst[i * VS + j] = j < lanes ? bits(k + 2 * i * block_size) | bits(k + (2 * i + 1) * block_size) << 16 : 0u;
+        }
+      }
+    }
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t j = 0; 2 * j < n; ++j) {
+      const int64_t t = t0 + 2 * j;
+      const T* v0 = v_cache + (table[t / block_size] * kv_heads + h) * tile + (t % block_size) * head_dim;
+      const T* v1 = 2 * j + 1 < n ? v_cache + (table[(t + 1) / block_size] * kv_heads + h) * tile + ((t + 1) % block_size) * head_dim : nullptr;
+      uint32_t* dst = &vb[j * dp];
+      int64_t d = 0;
+      for (; d + VS <= head_dim; d += VS) {
+        const auto a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d));
+        const auto b = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d)) : zero;
+        _mm512_storeu_si512(dst + d, interleave(a, b));
+      }
+      for (; d < dp; ++d) dst[d] = d < head_dim ? bits(v0 + d) | (v1 ? bits(v1 + d) << 16 : 0u) : 0u;
+    }
+  }
+
+  // scores() on vdpbf16ps: each instruction adds two dimensions' products per token; scaled after.
+  void scores_dot(int64_t rt, int64_t chunks) {
+    const int64_t half = head_dim / 2;
+    const uint32_t* __restrict qt = &qb[rt * half];
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const bool two = c + 1 < chunks;
+      const uint32_t* __restrict k0 = &kb[c * half * VS];
+      const uint32_t* __restrict k1 = two ? k0 + half * VS : k0;
+      __m512 s0[kRowTile], s1[kRowTile];
+      for (int64_t i = 0; i < kRowTile; ++i) s0[i] = s1[i] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < half; ++d) {
+        const auto a = (__m512bh)_mm512_loadu_si512(k0 + d * VS), b = (__m512bh)_mm512_loadu_si512(k1 + d * VS);
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          const auto qd = (__m512bh)_mm512_set1_epi32(static_cast<int>(qt[i * half + d]));
+          s0[i] = _mm512_dpbf16_ps(s0[i], qd, a);
+          s1[i] = _mm512_dpbf16_ps(s1[i], qd, b);
+        }
+      }
+      for (int64_t i = 0; i < kRowTile; ++i) {
+        _mm512_storeu_ps(&p[i * kSegment + c * VS], _mm512_mul_ps(s0[i], sc));
+        if (two) _mm512_storeu_ps(&p[i * kSegment + (c + 1) * VS], _mm512_mul_ps(s1[i], sc));
+      }
+    }
+  }
+
+  // values() on vdpbf16ps: the weights rounded to bf16, two tokens per instruction.
+  void values_dot(int64_t rt, int64_t nr, int64_t n, const float* alpha) {
+    const int64_t pairs = (n + 1) / 2, chunks = (n + VS - 1) / VS;
+    for (int64_t i = 0; i < kRowTile; ++i) {  // rows past nr and lanes past n: zeros
+      const float* pi = &p[i * kSegment];
+      for (int64_t c = 0; c < chunks; c += 2) {
+        const __m512 lo = i < nr ? _mm512_loadu_ps(pi + c * VS) : _mm512_setzero_ps();
+        const __m512 hi = i < nr && c + 1 < chunks ? _mm512_loadu_ps(pi + (c + 1) * VS) : _mm512_setzero_ps();
+        _mm512_storeu_si512(&pb[i * kSegment + c * VS], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
+    const uint32_t* __restrict pw = reinterpret_cast<const uint32_t*>(pb.data());
+    for (int64_t d = 0; d < dp; d += 4 * VS) {
+      const int64_t nv = std::min<int64_t>(4, (dp - d) / VS);
+      __m512 o[kRowTile][4];
+      for (int64_t i = 0; i < kRowTile; ++i)
+        for (int64_t w = 0; w < 4; ++w)
+          o[i][w] = i < nr && w < nv ? _mm512_mul_ps(_mm512_loadu_ps(&acc[(rt + i) * dp + d + w * VS]), _mm512_set1_ps(alpha[i]))
+                                     : _mm512_setzero_ps();
+      for (int64_t j = 0; j < pairs; ++j) {
+        const uint32_t* __restrict v = &vb[j * dp + d];
+        __m512bh vj[4];
+        for (int64_t w = 0; w < 4; ++w) vj[w] = (__m512bh)(w < nv ? _mm512_loadu_si512(v + w * VS) : _mm512_setzero_si512());
+        for (int64_t i = 0; i < kRowTile; ++i) {
+          const auto pj = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[i * kSegment / 2 + j]));
+          for (int64_t w = 0; w < 4; ++w) o[i][w] = _mm512_dpbf16_ps(o[i][w], pj, vj[w]);
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t w = 0; w < nv; ++w) _mm512_storeu_ps(&acc[(rt + i) * dp + d + w * VS], o[i][w]);
+    }
+  }
+#else
+  void load_segment_dot(const int32_t*, int64_t, int64_t, int64_t) {}
+  void scores_dot(int64_t, int64_t) {}
+  void values_dot(int64_t, int64_t, int64_t, const float*) {}
+#endif
 
   void finish() {
     for (size_t r = 0; r < rows.size(); ++r) {
