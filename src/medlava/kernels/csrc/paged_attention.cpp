@@ -7,10 +7,10 @@
 // The pool is head-major within a block so that both products vectorise without reductions:
 // K [blocks, kv_heads, head_dim, block_size] (tokens are the vector lanes of q.k) and
 // V [blocks, kv_heads, block_size, head_dim] (dimensions are the lanes of p.v).
-// bfloat16 on a CPU with AVX512-BF16 (medlava/kernels builds with it where the CPU has it): both
-// products run on `vdpbf16ps`, two bf16 products per float32 lane and instruction (half the
-// multiply-adds), the segment's K and V kept as bf16 pairs rather than converted to float32, and
-// the softmax weights rounded to bf16 for p.v as torch's own CPU flash attention rounds them.
+// bfloat16 on a CPU with AVX512-BF16 (medlava/kernels builds with it where the CPU has it): q.k
+// runs on `vdpbf16ps`, two exact bf16 products per float32 lane and instruction (half the
+// multiply-adds, and the keys stay bf16 pairs rather than being converted). p.v stays float32:
+// rounding the softmax weights to bf16 (as torch's flash attention does) moved occlusion maps.
 // Built on first use by medlava/kernels/__init__.py, with ATen's at::vec for the CPU it runs on.
 
 #include <ATen/Parallel.h>
@@ -64,34 +64,25 @@ struct Kernel {
   std::vector<Row> rows;
 
 #if defined(__AVX512BF16__)
-  // The bf16 dot-product path: its scratch holds pairs of bf16 (the operands of vdpbf16ps) as uint32.
   static constexpr bool kDotTypes = std::is_same_v<T, c10::BFloat16> && VS == 16;
-  bool dot = false;              // this call takes it (bf16, an even head_dim)
-  std::vector<uint32_t> qb;      // [rows (+ a tile of zeros), head_dim / 2] the queries, unscaled
-  std::vector<uint32_t> kb;      // [kSegment / VS, head_dim / 2, VS] dims (2i, 2i+1) of VS tokens
-  std::vector<uint32_t> vb;      // [kSegment / 2, dp] tokens (2j, 2j+1) of each dimension
-  std::vector<c10::BFloat16> pb; // [kRowTile, kSegment] the softmax weights, rounded
 #else
   static constexpr bool kDotTypes = false;
-  bool dot = false;
 #endif
+  // The scores on bf16 dot products: pairs of bf16 (the operands of vdpbf16ps) as uint32.
+  bool dot = false;              // this call takes it (kDotTypes, an even head_dim)
+  std::vector<uint32_t> qb;      // [rows (+ a tile of zeros), head_dim / 2] the queries, unscaled
+  std::vector<uint32_t> kb;      // [kSegment / VS, head_dim / 2, VS] dims (2i, 2i+1) of VS tokens
 
   void start(int64_t n_rows) {
     dp = (head_dim + VS - 1) / VS * VS;
     rows.clear();
-#if defined(__AVX512BF16__)
     dot = kDotTypes && head_dim % 2 == 0;
     if (dot) {
       qb.assign((n_rows + kRowTile) * head_dim / 2, 0u);
       kb.resize(kSegment * head_dim / 2);
-      vb.resize(kSegment / 2 * dp);
-      pb.resize(kRowTile * kSegment);
     } else {
       qf.assign((n_rows + kRowTile) * head_dim, 0.f);
     }
-#else
-    qf.assign((n_rows + kRowTile) * head_dim, 0.f);
-#endif
     acc.assign(n_rows * dp, 0.f);
     m.assign(n_rows, kNegInf);
     l.assign(n_rows, 0.f);
@@ -115,9 +106,9 @@ struct Kernel {
     }
   }
 
-  // Tokens [t0, t0 + n) of the sequence with block table `table`, KV head h, as float32 in kt and
-  // vf (n <= kSegment; lanes past n hold zeros).
-  void load_segment(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
+  // Keys of tokens [t0, t0 + n) of the sequence with block table `table`, KV head h, as float32 in
+  // kt (n <= kSegment; lanes past n hold zeros).
+  void load_keys(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
     const int64_t tile = head_dim * block_size;  // one KV head's keys (or values) in one block
     for (int64_t c = 0; c * VS < n; ++c) {
       float* dst = &kt[c * head_dim * VS];
@@ -133,6 +124,11 @@ struct Kernel {
         }
       }
     }
+  }
+
+  // Their values, as float32 in vf.
+  void load_values(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
+    const int64_t tile = head_dim * block_size;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t t = t0 + j;
       const T* v = v_cache + (table[t / block_size] * kv_heads + h) * tile + (t % block_size) * head_dim;
@@ -149,23 +145,14 @@ struct Kernel {
   void attend(int64_t r0, int64_t r1, const int32_t* table, int64_t t0, int64_t t1, int64_t h) {
     for (int64_t seg = t0; seg < t1; seg += kSegment) {
       const int64_t n = std::min(kSegment, t1 - seg), chunks = (n + VS - 1) / VS;
-      if (dot) {
-        load_segment_dot(table, seg, n, h);
-      } else {
-        load_segment(table, seg, n, h);
-      }
+      if (dot) load_keys_dot(table, seg, n, h); else load_keys(table, seg, n, h);
+      load_values(table, seg, n, h);
       for (int64_t rt = r0; rt < r1; rt += kRowTile) {
         const int64_t nr = std::min(kRowTile, r1 - rt);
         float alpha[kRowTile];
-        if (dot) {
-          scores_dot(rt, chunks);
-          softmax(rt, nr, seg, n, chunks, alpha);
-          values_dot(rt, nr, n, alpha);
-        } else {
-          scores(rt, chunks);
-          softmax(rt, nr, seg, n, chunks, alpha);
-          values(rt, nr, n, alpha);
-        }
+        if (dot) scores_dot(rt, chunks); else scores(rt, chunks);
+        softmax(rt, nr, seg, n, chunks, alpha);
+        values(rt, nr, n, alpha);
       }
     }
   }
@@ -269,9 +256,8 @@ struct Kernel {
     return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
   }
 
-  // The segment's tokens [t0, t0 + n) of KV head h as bf16 pairs: kb (dims 2i, 2i+1 of each token)
-  // and vb (tokens 2j, 2j+1 of each dimension); lanes past n hold zeros.
-  void load_segment_dot(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
+  // load_keys() as bf16 pairs in kb: dims (2i, 2i+1) of each token.
+  void load_keys_dot(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
     const int64_t tile = head_dim * block_size, half = head_dim / 2;
     for (int64_t c = 0; c * VS < n; ++c) {
       uint32_t* dst = &kb[c * half * VS];
@@ -291,20 +277,6 @@ struct Kernel {
             dst[i * VS + j] = j < lanes ? bits(k + 2 * i * block_size) | bits(k + (2 * i + 1) * block_size) << 16 : 0u;
         }
       }
-    }
-    const __m256i zero = _mm256_setzero_si256();
-    for (int64_t j = 0; 2 * j < n; ++j) {
-      const int64_t t = t0 + 2 * j;
-      const T* v0 = v_cache + (table[t / block_size] * kv_heads + h) * tile + (t % block_size) * head_dim;
-      const T* v1 = 2 * j + 1 < n ? v_cache + (table[(t + 1) / block_size] * kv_heads + h) * tile + ((t + 1) % block_size) * head_dim : nullptr;
-      uint32_t* dst = &vb[j * dp];
-      int64_t d = 0;
-      for (; d + VS <= head_dim; d += VS) {
-        const auto a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d));
-        const auto b = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d)) : zero;
-        _mm512_storeu_si512(dst + d, interleave(a, b));
-      }
-      for (; d < dp; ++d) dst[d] = d < head_dim ? bits(v0 + d) | (v1 ? bits(v1 + d) << 16 : 0u) : 0u;
     }
   }
 
@@ -334,42 +306,9 @@ struct Kernel {
     }
   }
 
-  // values() on vdpbf16ps: the weights rounded to bf16, two tokens per instruction.
-  void values_dot(int64_t rt, int64_t nr, int64_t n, const float* alpha) {
-    const int64_t pairs = (n + 1) / 2, chunks = (n + VS - 1) / VS;
-    for (int64_t i = 0; i < kRowTile; ++i) {  // rows past nr and lanes past n: zeros
-      const float* pi = &p[i * kSegment];
-      for (int64_t c = 0; c < chunks; c += 2) {
-        const __m512 lo = i < nr ? _mm512_loadu_ps(pi + c * VS) : _mm512_setzero_ps();
-        const __m512 hi = i < nr && c + 1 < chunks ? _mm512_loadu_ps(pi + (c + 1) * VS) : _mm512_setzero_ps();
-        _mm512_storeu_si512(&pb[i * kSegment + c * VS], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
-    }
-    const uint32_t* __restrict pw = reinterpret_cast<const uint32_t*>(pb.data());
-    for (int64_t d = 0; d < dp; d += 4 * VS) {
-      const int64_t nv = std::min<int64_t>(4, (dp - d) / VS);
-      __m512 o[kRowTile][4];
-      for (int64_t i = 0; i < kRowTile; ++i)
-        for (int64_t w = 0; w < 4; ++w)
-          o[i][w] = i < nr && w < nv ? _mm512_mul_ps(_mm512_loadu_ps(&acc[(rt + i) * dp + d + w * VS]), _mm512_set1_ps(alpha[i]))
-                                     : _mm512_setzero_ps();
-      for (int64_t j = 0; j < pairs; ++j) {
-        const uint32_t* __restrict v = &vb[j * dp + d];
-        __m512bh vj[4];
-        for (int64_t w = 0; w < 4; ++w) vj[w] = (__m512bh)(w < nv ? _mm512_loadu_si512(v + w * VS) : _mm512_setzero_si512());
-        for (int64_t i = 0; i < kRowTile; ++i) {
-          const auto pj = (__m512bh)_mm512_set1_epi32(static_cast<int>(pw[i * kSegment / 2 + j]));
-          for (int64_t w = 0; w < 4; ++w) o[i][w] = _mm512_dpbf16_ps(o[i][w], pj, vj[w]);
-        }
-      }
-      for (int64_t i = 0; i < nr; ++i)
-        for (int64_t w = 0; w < nv; ++w) _mm512_storeu_ps(&acc[(rt + i) * dp + d + w * VS], o[i][w]);
-    }
-  }
 #else
-  void load_segment_dot(const int32_t*, int64_t, int64_t, int64_t) {}
+  void load_keys_dot(const int32_t*, int64_t, int64_t, int64_t) {}
   void scores_dot(int64_t, int64_t) {}
-  void values_dot(int64_t, int64_t, int64_t, const float*) {}
 #endif
 
   void finish() {
