@@ -672,9 +672,10 @@ def write_doc(path: Path, table: str) -> None:
     section = f"### Results, {stamp}\n\nMachine: {machine()}\n\n{table}\n"
     old = path.read_text() if path.exists() else ""
     marker = "<!-- bench_engine results -->"
-    if marker in old:
-        head, _, _ = old.partition(marker)
-        path.write_text(f"{head}{marker}\n\n{section}")
+    if marker in old:  # replace the last results, up to the next section
+        head, _, rest = old.partition(marker)
+        _, heading, tail = rest.partition("\n## ")
+        path.write_text(f"{head}{marker}\n\n{section}" + (f"\n## {tail}" if heading else ""))
     else:
         path.write_text((old.rstrip() + "\n\n" if old else "") + f"{marker}\n\n{section}")
 
