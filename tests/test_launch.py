@@ -16,6 +16,7 @@ def test_tcmalloc_joins_ld_preload_once_and_can_be_turned_off(monkeypatch):
     assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libother.so" and env["PATH"] == "/bin"
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
     assert launch.with_tcmalloc(env) is None  # already preloaded: no second exec
+    assert launch.with_tcmalloc({"LD_PRELOAD": "/opt/libjemalloc.so.2"}) is None  # the user's own allocator stays
     assert launch.with_tcmalloc({"MEDLAVA_TCMALLOC": "0"}) is None
     assert launch.with_tcmalloc({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"})["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"
     monkeypatch.setattr(launch.ctypes.util, "find_library", lambda name: None)

@@ -6,8 +6,8 @@ decode ~5-10 % faster on the benchmark's machine, docs/BENCHMARKS.md); vLLM's CP
 own launcher (`python -m torch.backends.xeon.run_cpu`) preload it the same way. A preload only
 takes effect when a process starts, so `medlava` re-executes itself once with LD_PRELOAD set
 (same pid, arguments and environment otherwise). Nothing happens where tcmalloc is not installed
-(Debian/Ubuntu: libtcmalloc-minimal4), off Linux, when it is already preloaded, or with
-MEDLAVA_TCMALLOC=0. Code that imports medlava (`medlava.LLM`) runs with its own process's allocator.
+(Debian/Ubuntu: libtcmalloc-minimal4), off Linux, when an allocator (tcmalloc, jemalloc, mimalloc)
+is already preloaded, or with MEDLAVA_TCMALLOC=0. Code that imports medlava (`medlava.LLM`) runs with its own process's allocator.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}  # no stderr lin
 def with_tcmalloc(env: Mapping[str, str]) -> dict[str, str] | None:
     """`env` with tcmalloc added to LD_PRELOAD, or None where nothing is to change (see above)."""
     preload = env.get("LD_PRELOAD", "")
-    if not sys.platform.startswith("linux") or env.get("MEDLAVA_TCMALLOC") == "0" or "tcmalloc" in preload:
+    if not sys.platform.startswith("linux") or env.get("MEDLAVA_TCMALLOC") == "0" or "malloc" in preload:
         return None
     found = next((lib for lib in map(ctypes.util.find_library, LIBRARIES) if lib), None)
     if found is None:
