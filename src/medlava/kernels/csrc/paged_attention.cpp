@@ -69,24 +69,23 @@ struct Kernel {
   static constexpr bool kDotTypes = false;
 #endif
   // The scores on bf16 dot products: pairs of bf16 (the operands of vdpbf16ps) as uint32.
-  bool dot = false;              // this call takes it (kDotTypes, an even head_dim)
+  bool dot = false;              // this call takes it (kDotTypes, an even head_dim; set in run)
   std::vector<uint32_t> qb;      // [rows (+ a tile of zeros), head_dim / 2] the queries, unscaled
   std::vector<uint32_t> kb;      // [kSegment / VS, head_dim / 2, VS] dims (2i, 2i+1) of VS tokens
 
   void start(int64_t n_rows) {
     dp = (head_dim + VS - 1) / VS * VS;
     rows.clear();
-    dot = kDotTypes && head_dim % 2 == 0;
     if (dot) {
       qb.assign((n_rows + kRowTile) * head_dim / 2, 0u);
       kb.resize(kSegment * head_dim / 2);
     } else {
       qf.assign((n_rows + kRowTile) * head_dim, 0.f);
+      kt.resize(kSegment * head_dim);
     }
     acc.assign(n_rows * dp, 0.f);
     m.assign(n_rows, kNegInf);
     l.assign(n_rows, 0.f);
-    kt.resize(kSegment * head_dim);
     vf.resize(kSegment * dp);
     p.resize(kRowTile * kSegment);
   }
@@ -341,6 +340,7 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, 
   proto.q_stride_tok = q.stride(0);
   proto.q_stride_head = q.stride(1);
   proto.scale = static_cast<float>(scale);
+  proto.dot = Kernel<T>::kDotTypes && proto.head_dim % 2 == 0;
 
   const int32_t* qs = q_starts.data_ptr<int32_t>();
   const int32_t* ord = order.data_ptr<int32_t>();
