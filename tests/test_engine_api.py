@@ -278,6 +278,29 @@ def test_the_engine_packs_weights_only_where_the_copies_fit(model_dir, monkeypat
             assert [getattr(owner, attr) for owner, attr, _ in packing_groups(lm.model)] == before
 
 
+def test_placed_weights_lie_side_by_side_and_one_row_reads_them_there(model_dir, cpu_kernels):
+    from medlava.host_memory import HUGE_PAGE
+    from medlava.model import decoder
+
+    lm = load_model(model_dir("mistral-mlp2x-l1"), dtype="bfloat16")
+    engine = LLMEngine(lm, block_size=4)  # places the weights, then packs
+    attn = lm.model.decoder.layers[0].self_attn
+    q, k, v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+    assert engine.runner.packed_weights and attn.fused.plain is not None
+    assert torch.equal(attn.fused.plain, torch.cat([q, k, v])) and attn.fused.plain.data_ptr() == q.data_ptr()
+    assert q.data_ptr() % HUGE_PAGE == 0  # the first group opens the 2 MB-aligned block
+    d = lm.config.text.hidden_size
+    one, many = torch.randn(1, 1, d, dtype=torch.bfloat16), torch.randn(1, 8, d, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = torch.nn.functional.linear(one, attn.fused.plain)
+        attn.fused.weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(attn.fused.plain), None)
+        torch.testing.assert_close(attn.fused(one), want, rtol=2**-7, atol=1e-3)  # the plain weights, by the gemv
+        assert not attn.fused(many).any()  # eight rows: oneDNN's (zeroed) copy
+    placed = [w.data_ptr() for w in (q, k, v)]
+    decoder.place_weights(lm.model)  # once per model
+    assert [w.data_ptr() for w in (q, k, v)] == placed
+
+
 def test_analyzer_answers_a_worklist_on_the_engine_as_the_reference_loop_does(model_dir):
     from medlava.analysis.inputs import prepare
     from medlava.analysis.vqa import Analyzer

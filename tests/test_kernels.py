@@ -1,5 +1,6 @@
 """medlava's fused CPU ops against the torch code they replace: rotary embeddings and SwiGLU bit for
-bit, RMSNorm (with the residual add) within float32 rounding; and the decoder with them on and off."""
+bit, RMSNorm (with the residual add) within float32 rounding, the one-to-three-row matmul within one
+rounding of the exact product; and the decoder with them on and off."""
 
 from __future__ import annotations
 
@@ -77,3 +78,42 @@ def test_the_decoder_gives_the_same_logits_with_and_without_the_fused_ops(cpu_ke
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # RMSNorm's mean square, summed in another order
     torch.testing.assert_close(fused.float(), plain.float(), rtol=tol, atol=tol)
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+def test_gemv_is_within_one_rounding_of_the_exact_product(cpu_kernels, dtype):
+    g = torch.Generator().manual_seed(4)
+    step = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]  # one rounding (twice its bound)
+    for k in (96, 100, 2048):  # 100: a partial last vector
+        for rows in (1, 2, 3):
+            for bias in (None, torch.randn(131, generator=g).to(dtype)):
+                w = (torch.randn(131, k, generator=g) / k**0.5).to(dtype)
+                x = torch.randn(1, rows, k, generator=g).to(dtype)
+                exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+                y = cpu_kernels.gemv(x, w, bias)
+                assert y.shape == (1, rows, 131) and y.dtype == dtype
+                assert ((y.double() - exact).abs() <= exact.abs() * step + 1e-5).all(), (k, rows)
+    with pytest.raises(RuntimeError, match="1 to 3 rows"):
+        cpu_kernels.gemv(torch.randn(4, 96).to(dtype), torch.randn(8, 96).to(dtype), None)
+
+
+def test_linear_layers_take_the_gemv_at_up_to_three_rows_without_autograd(cpu_kernels, monkeypatch):
+    layer = decoder.Linear(64, 32)
+    rows_run = []
+
+    class Watched:  # the kernels, noting the rows each gemv call gets
+        def __getattr__(self, name):
+            return getattr(cpu_kernels, name)
+
+        def gemv(self, x, *args):
+            rows_run.append(x.numel() // x.shape[-1])
+            return cpu_kernels.gemv(x, *args)
+
+    monkeypatch.setattr(decoder.kernels, "ops", lambda: Watched())
+    with torch.inference_mode():
+        for rows in (1, 3, 4):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert rows_run == [1, 3]  # 4 rows: oneDNN's or torch's GEMM
+    layer(torch.randn(1, 64)).sum().backward()  # autograd on: plain torch, and the weight gets its gradient
+    assert rows_run == [1, 3] and layer.weight.grad is not None

@@ -25,7 +25,7 @@ from medlava.engine.paged_attention import (
 from medlava.engine.sampling import sample_batch
 from medlava.engine.sequence import Sequence
 from medlava.host_memory import available_bytes
-from medlava.model.decoder import pack_model
+from medlava.model.decoder import pack_model, place_weights
 from medlava.model.llava import LlavaModel
 
 
@@ -51,10 +51,14 @@ PACK_MEMORY_FRACTION = 0.5  # packed copies may take at most this share of the m
 
 
 def pack_linears(model: LlavaModel) -> bool:
-    """Give the model's Linear layers oneDNN-packed copies for inference (`decoder.pack_model`:
-    faster, bfloat16 bit-identical). The copies sit beside the plain weights, which autograd and the
-    embedding still use, so packing happens only where they fit in half the memory still available:
-    a model that barely fits in memory once is left as it is. Returns whether the model is packed."""
+    """Ready the model's Linear layers for inference on the CPU: their plain weights moved onto
+    2 MB pages, grouped (`decoder.place_weights`, for the one-to-three-row kernel), and oneDNN-packed
+    copies for more rows (`decoder.pack_model`: faster, bfloat16 bit-identical). The copies sit
+    beside the plain weights, which autograd and the embedding still use, so packing happens only
+    where they fit in half the memory still available: a model that barely fits in memory once is
+    left unpacked. Returns whether the model is packed."""
+    if model.device.type == "cpu":
+        place_weights(model)
     available = available_bytes()
     return pack_model(model, None if available is None else int(PACK_MEMORY_FRACTION * available))
 

@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_attention.cpp", "fused.cpp", "quant.cpp")]
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "fused.cpp", "gemv.cpp", "quant.cpp")]
 # ATen's vector code picks its instruction set from these macros (as torch's own CPU kernels do).
 _AVX512 = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 CAPABILITY_FLAGS = {

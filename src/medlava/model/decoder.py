@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlava import kernels
+from medlava.host_memory import huge_page_buffer
 from medlava.model.config import TextConfig
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GEMV_ROWS = 3  # up to this many rows a linear runs on medlava's matrix-vector kernel (kernels/csrc/gemv.cpp)
 
 
 def fused_ops(x: torch.Tensor):
@@ -24,6 +26,17 @@ def fused_ops(x: torch.Tensor):
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in FUSED_DTYPES:
         return None
     return kernels.ops()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x · weightᵀ (+ bias) on medlava's matrix-vector kernel where it applies (inference on the
+    CPU, at most GEMV_ROWS rows, a contiguous weight of x's dtype): it reads the plain weights
+    front to back at the memory's full speed, where oneDNN's GEMM reaches ~60 % of it at a decode
+    step's one row (docs/BENCHMARKS.md). None elsewhere."""
+    ops = fused_ops(x)
+    if ops is None or x.numel() > GEMV_ROWS * x.shape[-1] or x.dtype != weight.dtype or not weight.is_contiguous():
+        return None
+    return ops.gemv(x.contiguous(), weight, bias)
 
 
 class AttentionBackend(Protocol):
@@ -60,7 +73,8 @@ class PackedWeights:
     layout once rather than on every call, as vLLM does on the CPU: 1.2-2.5x faster at decode
     batch sizes (docs/BENCHMARKS.md). bfloat16 results equal `F.linear`'s bit for bit; float32
     ones differ by rounding (oneDNN's fp32 GEMM is not MKL's). Only inference (no autograd) on
-    the CPU uses it, and only while every layer's weight is still the one it was made from."""
+    the CPU uses it, and only while every layer's weight is still the one it was made from. At one
+    to three rows `gemv` runs instead, on the plain weights where they lie side by side (`plain`)."""
 
     def __init__(self, layers: list[Linear]):
         self.layers = layers
@@ -69,6 +83,7 @@ class PackedWeights:
         # Each layer's parameter dict, the weight the copy was made from, and that weight's version:
         # checked on every call, so kept to a dict lookup and two comparisons per layer.
         self.sources = [(m._parameters, m.weight, m.weight._version) for m in layers]
+        self.plain = side_by_side([m.weight for m in layers])  # for `gemv` at one to three rows
         with torch.no_grad():
             w = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
@@ -87,7 +102,21 @@ class PackedWeights:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.layers[0].bias if len(self.layers) == 1 else None
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [None], "")
+        y = None if self.plain is None else gemv(x, self.plain, bias)
+        return y if y is not None else torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [None], "")
+
+
+def side_by_side(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The weights as one [sum of rows, K] matrix where they lie one after another in one block of
+    memory (`place_weights` puts them so), else None."""
+    first = weights[0].detach()
+    storage = first.untyped_storage().data_ptr()
+    for a, b in zip(weights, weights[1:], strict=False):
+        if b.untyped_storage().data_ptr() != storage or b.data_ptr() != a.data_ptr() + a.nbytes:
+            return None
+    if not all(w.is_contiguous() and w.shape[1:] == first.shape[1:] for w in weights):
+        return None
+    return first.as_strided((sum(w.shape[0] for w in weights), *first.shape[1:]), first.stride())
 
 
 def packed_for(owner: nn.Module, attr: str, x: torch.Tensor) -> PackedWeights | None:
@@ -108,6 +137,9 @@ class Linear(nn.Linear):
     packed: PackedWeights | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = gemv(x, self.weight, self.bias)
+        if y is not None:
+            return y
         packed = packed_for(self, "packed", x)
         return packed(x) if packed is not None else F.linear(x, self.weight, self.bias)
 
@@ -139,6 +171,35 @@ def pack_model(model: nn.Module, budget_bytes: int | None = None) -> bool:
         for owner, attr, layers in todo:
             setattr(owner, attr, PackedWeights(layers))
     return bool(groups) and all(getattr(owner, attr) is not None for owner, attr, _ in groups)
+
+
+def place_weights(model: nn.Module) -> None:
+    """Move the weights of the model's CPU Linear layers into memory on 2 MB pages
+    (`host_memory.huge_page_buffer`), each `packing_groups` group's side by side, so that `gemv`
+    reads q/k/v (gate/up) as one matrix, front to back. Once per model; one group at a time is
+    copied, its old memory freed, so memory grows by one group at most."""
+    if getattr(model, "weights_placed", False):
+        return
+    groups, seen = [], set()
+    for _, _, layers in packing_groups(model):
+        weights = [m.weight for m in layers if id(m.weight) not in seen]
+        seen.update(id(w) for w in weights)
+        if weights and all(w.device.type == "cpu" and w.dtype.is_floating_point for w in weights):
+            groups.append(weights)
+    align = 64  # each group on its own cache line
+    sizes = [-(-sum(w.nbytes for w in weights) // align) * align for weights in groups]
+    block = huge_page_buffer(sum(sizes))
+    offset = 0
+    with torch.no_grad():
+        for weights, size in zip(groups, sizes, strict=True):
+            at = offset
+            for w in weights:
+                home = block[at : at + w.nbytes].view(w.dtype).view(w.shape)
+                home.copy_(w)
+                w.data = home
+                at += w.nbytes
+            offset += size
+    model.weights_placed = True
 
 
 class RMSNorm(nn.Module):
