@@ -1,6 +1,7 @@
 """medlava's fused CPU ops against the torch code they replace: rotary embeddings and SwiGLU bit for
 bit, RMSNorm (with the residual add) within float32 rounding, the one-to-three-row matmul within one
-rounding of the exact product; and the decoder with them on and off."""
+rounding of the exact product (and the same for a row alone or beside others); and the decoder with
+them on and off."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def test_gemv_is_within_one_rounding_of_the_exact_product(cpu_kernels, dtype):
                 y = cpu_kernels.gemv(x, w, bias)
                 assert y.shape == (1, rows, 131) and y.dtype == dtype
                 assert ((y.double() - exact).abs() <= exact.abs() * step + 1e-5).all(), (k, rows)
+                assert torch.equal(cpu_kernels.gemv(x[:, :1], w, bias), y[:, :1])  # alone or with others: the same
     with pytest.raises(RuntimeError, match="1 to 3 rows"):
         cpu_kernels.gemv(torch.randn(4, 96).to(dtype), torch.randn(8, 96).to(dtype), None)
 

@@ -24,11 +24,13 @@ namespace medlava {
 namespace {
 
 constexpr int64_t kMaxRows = 3;  // at 4 rows oneDNN is about as fast (docs/BENCHMARKS.md)
+// Independent sums per row (to hide the multiply-add latency), the same at every row count, so a
+// sequence's results do not depend on how many others share its step (1 to 3).
+constexpr int kChains = 4;
 
-// Rows [n0, n1) of y from float32 copies of x's rows (xf [M, K]): four independent sums per row.
+// Rows [n0, n1) of y from float32 copies of x's rows (xf [M, K]).
 template <typename T, int M>
 void dot_rows(const float* xf, const T* w, const float* bias, T* y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  constexpr int kChains = M == 1 ? 4 : 2;
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * K;
     Vec acc[M][kChains];
@@ -56,7 +58,6 @@ void dot_rows(const float* xf, const T* w, const float* bias, T* y, int64_t N, i
 template <int M>
 void dot_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* w, const float* bias, c10::BFloat16* y, int64_t N,
                    int64_t K, int64_t n0, int64_t n1) {
-  constexpr int kChains = M == 1 ? 4 : 2;
   const int64_t full = K / 32 * 32;
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K - full)) - 1);
   auto load = [](const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
