@@ -2,7 +2,8 @@
 
 torch has no paged attention for the CPU, so the engine brings one (`paged_attention.cpp`); the
 decoder's chains of small elementwise ops run fused for inference (`fused.cpp`: RMSNorm with the
-residual add, rotary embeddings, SwiGLU), as vLLM's CPU build does with its own kernels; and int8
+residual add, rotary embeddings, SwiGLU), as vLLM's CPU build does with its own kernels; linear
+layers at one to three rows read their weights at the memory's speed (`gemv.cpp`); and int8
 weights are dequantized in one pass (`quant.cpp`). They are built with torch's C++ extension
 tooling the first time a process needs them (well under a minute; `make setup` does it ahead),
 with ATen's vector code for this CPU's instruction set, into a folder named by the instruction
@@ -30,7 +31,7 @@ SOURCES = [CSRC / name for name in ("paged_attention.cpp", "fused.cpp", "gemv.cp
 _AVX512 = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 CAPABILITY_FLAGS = {
     "AVX512": _AVX512,
-    "AVX512_BF16": [*_AVX512, "-mavx512bf16"],  # + bf16 attention on vdpbf16ps (csrc/paged_attention.cpp)
+    "AVX512_BF16": [*_AVX512, "-mavx512bf16"],  # + bf16 attention and gemv on vdpbf16ps
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
 
@@ -63,7 +64,7 @@ def cache_dir() -> Path:
 
 
 def _has_avx512_bf16() -> bool:
-    """Whether this CPU has AVX512-BF16 (bf16 attention then runs on its dot-product instruction)."""
+    """Whether this CPU has AVX512-BF16 (bf16 attention and gemv then run on its dot-product instruction)."""
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check and check())
 

@@ -103,10 +103,16 @@ void run(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor
     return;
   }
 #endif
-  std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xp[i]);
+  std::vector<float> converted;  // x's rows as float32, where they are not already
+  const float* xf;
+  if constexpr (std::is_same_v<T, float>) {
+    xf = xp;
+  } else {
+    converted.assign(xp, xp + M * K);
+    xf = converted.data();
+  }
   // Grain 64 rows: each thread gets one contiguous stretch (at::parallel_for splits evenly).
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { dot_rows<T, M>(xf.data(), wp, bias, yp, N, K, n0, n1); });
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { dot_rows<T, M>(xf, wp, bias, yp, N, K, n0, n1); });
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
