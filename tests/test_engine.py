@@ -185,37 +185,52 @@ def test_abort_of_a_waiting_request(llama):
     assert engine.block_manager.all_free()
 
 
+def common_start(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def test_follow_up_on_same_image_reuses_blocks_and_vision_features(mistral_sw):
     lm = mistral_sw
     images = images_for(lm)
     n_img = lm.config.image_tokens
-    bs = 16
-    engine = LLMEngine(lm, block_size=bs)
-    first = run(engine, lm, [Req(QUESTIONS[1], [0])], images)["r0"]
-    assert first.metrics.cached_prompt_tokens == 0 and engine.runner.stats.images_encoded == 1
+    engine = LLMEngine(lm, block_size=16)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    stats = engine.runner.stats
 
-    follow_up = Req(QUESTIONS[0], [0])
-    engine.add_request("f", prompt_ids(lm, follow_up.question, 1), [images[0]], follow_up.params)
-    done = {}
-    while engine.has_unfinished():
-        done |= {o.request_id: o for o in engine.step() if o.finished}
-    cached = done["f"].metrics.cached_prompt_tokens
-    image_start = prompt_ids(lm, "", 1).index(lm.config.image_token_id)
-    assert cached >= n_img // bs * bs
-    # The hit ends inside the image, so the follow-up needed the rest of its features ...
-    assert image_start < cached < image_start + n_img
-    # ... which came from the vision cache, not the vision tower.
-    assert engine.runner.stats.images_encoded == 1 and engine.metrics().vision_cache_hit_rate > 0
-    assert done["f"].token_ids == reference(lm, follow_up, images)
+    def ask(ids: list[int], image: int) -> int:
+        """Run one request alone; checks its tokens against the reference loop, returns its cached tokens."""
+        engine.add_request(f"q{stats.prefill_steps}", ids, [images[image]], params)
+        done = {}
+        while engine.has_unfinished():
+            done |= {o.request_id: o for o in engine.step() if o.finished}
+        (out,) = done.values()
+        expected = generate_reference(lm.model, lm.tokenizer, ids, params, pixels=images[image][None])
+        assert out.token_ids == expected.token_ids
+        return out.metrics.cached_prompt_tokens
 
-    # A different image with the same text shares only the text before the image.
-    other = Req(QUESTIONS[1], [1])
-    engine.add_request("o", prompt_ids(lm, other.question, 1), [images[1]], other.params)
-    while engine.has_unfinished():
-        done |= {o.request_id: o for o in engine.step() if o.finished}
-    assert done["o"].metrics.cached_prompt_tokens <= image_start
-    assert engine.runner.stats.images_encoded == 2
-    assert done["o"].token_ids == reference(lm, other, images)
+    first = prompt_ids(lm, QUESTIONS[1], 1)
+    assert ask(first, 0) == 0 and stats.images_encoded == 1
+    image_start = first.index(lm.config.image_token_id)
+
+    # A follow-up on the same image reuses every position the two prompts share: the full blocks,
+    # then the shared start of the block where they part (the rest of the image, the text after it).
+    follow_up = prompt_ids(lm, QUESTIONS[0], 1)
+    shared = common_start(first, follow_up)
+    assert shared > image_start + n_img and shared % 16 != 0
+    lookups = stats.vision_lookups
+    assert ask(follow_up, 0) == shared
+    assert stats.vision_lookups == lookups  # the whole image came from the KV cache
+
+    # The same image after other text: the prefix cache has only the words before the first
+    # difference, the image's features come from the vision cache, not the vision tower.
+    preamble = lm.tokenizer(f"USER: Compare. {'<image>' * n_img}\n{QUESTIONS[0]} ASSISTANT:").input_ids
+    assert ask(preamble, 0) == common_start(first, preamble) <= image_start
+    assert stats.images_encoded == 1 and engine.metrics().vision_cache_hit_rate > 0
+
+    # A different image with the same text shares only the text before the image: placeholder ids
+    # are the same for every image, so a partial match never runs into an image's positions.
+    assert ask(first, 1) <= image_start
+    assert stats.images_encoded == 2
     m = engine.metrics()
     assert 0 < m.prefix_cache_hit_rate < 1 and engine.block_manager.all_free()
 

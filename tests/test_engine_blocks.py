@@ -70,6 +70,54 @@ def test_last_token_is_always_recomputed():
     assert b.block_table[1] != a.block_table[1]
 
 
+def test_partial_block_hit_copies_the_shared_start_of_a_computed_block():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = seq(image_prompt([20, 21, 22, 23, 24]), ["imgA"])  # image at 3..8, then the question
+    bm.allocate(a)
+    b = seq(image_prompt([20, 21, 30, 31, 32]), ["imgA"])  # parts from a at position 11
+    assert bm.num_cached_tokens(b) == 8  # a's block 2 is being computed in this step: no copy from it
+    bm.step_done()
+    assert bm.num_cached_tokens(b) == 11
+    bm.allocate(b)
+    assert b.num_cached_tokens == 11 and b.block_table[:2] == a.block_table[:2]
+    assert b.kv_copy == (a.block_table[2], b.block_table[2], 3) and b.block_table[2] != a.block_table[2]
+    assert bm.blocks[a.block_table[2]].ref_count == 1  # copied from, not shared
+    bm.step_done()
+
+    # The same image, stopping one token short: the last token is always computed.
+    c = seq(image_prompt([20, 21]), ["imgA"])
+    bm.allocate(c)
+    assert c.num_cached_tokens == 10 and c.kv_copy[2] == 2
+
+
+def test_partial_block_hit_stops_where_an_image_starts():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = [1, 5, 6, 7, 8] + [IMG] * N_IMG + [20]  # image at 5..10
+    a = seq(tokens, ["imgA"])
+    bm.allocate(a)
+    bm.step_done()
+    other = seq(tokens, ["imgB"])  # block 1 is [8, IMG, IMG, IMG]: only the 8 is known
+    bm.allocate(other)
+    assert other.num_cached_tokens == 5 and other.kv_copy == (a.block_table[1], other.block_table[1], 1)
+    bm.step_done()
+    same = seq(tokens, ["imgA"])
+    bm.allocate(same)
+    assert same.num_cached_tokens == len(tokens) - 1
+
+
+def test_evicted_blocks_leave_no_partial_candidates():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = seq(list(range(1, 10)))
+    bm.allocate(a)
+    bm.step_done()
+    bm.deallocate(a)
+    filler = seq(list(range(50, 66)))  # takes every block, evicting a's
+    bm.allocate(filler)
+    assert {b for blocks in bm.children.values() for b in blocks} == set(filler.block_table)
+    bm.deallocate(filler)
+    assert bm.num_cached_tokens(seq(list(range(1, 8)))) == 0
+
+
 def test_ref_counts_free_and_lru_eviction():
     bm = BlockManager(num_blocks=6, block_size=2)
     a = seq([1, 2, 3, 4, 5])

@@ -5,11 +5,19 @@ keys: the content hashes of the images whose placeholders it covers (placeholder
 same for every image, so without them two studies would share a cache entry). Blocks with a
 known hash stay reusable after their sequence frees them, until they are taken for new data in
 least-recently-freed order.
+
+A prompt's first block past its cached full blocks may still begin like a cached block (a
+follow-up question on the same image: the image ends mid-block, the new question follows). That
+block's first matching positions are copied into the sequence's own new block (`Sequence.kv_copy`,
+done by the model runner before the step's forward), so only what differs is computed. The copy's
+source must already hold its K/V: blocks registered for the step now being scheduled do not (they
+are computed in that step) and are skipped until `step_done`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict
 
@@ -26,13 +34,22 @@ def block_hash(parent: bytes | None, token_ids: list[int], extra_keys: tuple[str
     return h.digest()
 
 
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids a and b share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+PARTIAL_CANDIDATES = 16  # cached blocks after one parent compared for a partial match, newest first
+
+
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "parent", "token_ids")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash: bytes | None = None
+        self.parent: bytes | None = None  # the hash of the block before it (None: the first block)
         self.token_ids: list[int] = []
 
 
@@ -46,6 +63,8 @@ class BlockManager:
         # Free blocks, oldest first: taken from the front, so cached blocks freed long ago go first.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
+        self.children: dict[bytes | None, dict[int, None]] = {}  # parent hash -> cached blocks after it, oldest first
+        self.pending: set[int] = set()  # registered for the step being scheduled: no K/V yet
         self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which found
 
@@ -94,11 +113,34 @@ class BlockManager:
             hits.append(bid)
         return hits
 
+    def _partial_hit(self, seq: Sequence, hits: list[int]) -> tuple[int, int] | None:
+        """(cached block, n): the block after `hits` whose first n > 0 positions hold what seq's
+        next n tokens need, the longest such; None where there is none. The match stops before the
+        last token (always computed) and before an image that starts in the block: its placeholder
+        ids are the same for every image, and the parent chain names only the images before."""
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
+            return None
+        start = len(hits) * self.block_size
+        end = min(start + self.block_size, len(seq) - 1)
+        image = seq.first_image_start(start, end)
+        want = seq.token_ids[start : end if image is None else image]
+        parent = seq.block_hashes[len(hits) - 1] if hits else None
+        best = None
+        for bid in itertools.islice(reversed(self.children.get(parent, {})), PARTIAL_CANDIDATES):
+            if bid in self.pending:
+                continue
+            n = common_length(self.blocks[bid].token_ids, want)
+            if n > 0 and (best is None or n > best[1]):
+                best = (bid, n)
+        return best
+
     # -- allocation ------------------------------------------------------------------------------
 
     def num_cached_tokens(self, seq: Sequence) -> int:
         """Tokens of seq that `allocate` would find in the prefix cache now."""
-        return len(self._cached_prefix(seq)) * self.block_size
+        hits = self._cached_prefix(seq)
+        partial = self._partial_hit(seq, hits)
+        return len(hits) * self.block_size + (partial[1] if partial else 0)
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._cached_prefix(seq)
@@ -111,34 +153,45 @@ class BlockManager:
         if block.hash is not None:  # evict its old contents from the prefix cache
             if self.hash_to_block.get(block.hash) == bid:
                 del self.hash_to_block[block.hash]
-            block.hash, block.token_ids = None, []
+            siblings = self.children[block.parent]
+            del siblings[bid]
+            if not siblings:
+                del self.children[block.parent]
+            block.hash, block.parent, block.token_ids = None, None, []
         block.ref_count = 1
         return bid
 
-    def _register(self, bid: int, h: bytes, token_ids: list[int]) -> None:
+    def _register(self, bid: int, seq: Sequence, i: int) -> None:
+        """Name block `bid` as seq's full block i in the prefix cache (its K/V is computed this step)."""
         block = self.blocks[bid]
-        block.hash, block.token_ids = h, token_ids
-        self.hash_to_block[h] = bid
+        block.hash, block.token_ids = seq.block_hashes[i], seq.block_token_ids(i, self.block_size)
+        block.parent = seq.block_hashes[i - 1] if i else None
+        self.hash_to_block[block.hash] = bid
+        self.children.setdefault(block.parent, {})[bid] = None
+        self.pending.add(bid)
 
     def allocate(self, seq: Sequence) -> None:
         """Give seq blocks for all its tokens, reusing cached ones; sets `seq.num_cached_tokens`."""
         assert not seq.block_table, "sequence already holds blocks"
         bs = self.block_size
         hits = self._cached_prefix(seq)
+        partial = self._partial_hit(seq, hits)
         for bid in hits:
             block = self.blocks[bid]
             if block.ref_count == 0:
                 del self.free[bid]
             block.ref_count += 1
             seq.block_table.append(bid)
-        n_full = len(seq) // bs
-        hashes = self._hashes(seq, n_full) if self.enable_prefix_caching else []
+        n_full = len(self._hashes(seq, len(seq) // bs)) if self.enable_prefix_caching else 0
         for i in range(len(hits), seq.num_blocks(bs)):
             bid = self._take_free()
-            if i < len(hashes):  # full: its K/V is written this step, before anyone can read it
-                self._register(bid, hashes[i], seq.block_token_ids(i, bs))
+            if i < n_full:  # full: its K/V is written this step, before anyone can read it
+                self._register(bid, seq, i)
             seq.block_table.append(bid)
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * bs
+        if partial is not None:
+            seq.kv_copy = (partial[0], seq.block_table[len(hits)], partial[1])
+            seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * bs + partial[1]
         if self.enable_prefix_caching:
             self.queried_tokens += len(seq)
             self.hit_tokens += seq.num_cached_tokens
@@ -152,7 +205,7 @@ class BlockManager:
                 self.free[bid] = None
                 if block.hash is None:  # nothing worth keeping: reuse it before cached blocks
                     self.free.move_to_end(bid, last=False)
-        seq.block_table = []
+        seq.block_table, seq.kv_copy = [], None
         seq.num_cached_tokens = seq.num_computed_tokens = 0
 
     def can_append(self, seq: Sequence) -> bool:
@@ -166,14 +219,20 @@ class BlockManager:
             seq.block_table.append(self._take_free())
         if self.enable_prefix_caching and len(seq) % bs == 0:
             i = len(seq) // bs - 1
-            h = self._hashes(seq, i + 1)[i]
-            self._register(seq.block_table[i], h, seq.block_token_ids(i, bs))
+            self._hashes(seq, i + 1)
+            self._register(seq.block_table[i], seq, i)
+
+    def step_done(self) -> None:
+        """The scheduled step has run: the blocks registered for it hold their K/V now."""
+        self.pending.clear()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (after a failed step, when blocks may hold half-written K/V)."""
         self.hash_to_block.clear()
+        self.children.clear()
+        self.pending.clear()
         for block in self.blocks:
-            block.hash, block.token_ids = None, []
+            block.hash, block.parent, block.token_ids = None, None, []
 
     def all_free(self) -> bool:
         return len(self.free) == len(self.blocks) and all(b.ref_count == 0 for b in self.blocks)

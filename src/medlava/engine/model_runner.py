@@ -221,6 +221,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         if self.kernels is None:  # the torch path reads unused slots (masked): they must be finite
             self.pool.ensure_zeroed(max(max(s.block_table) for s in seqs))
+        for seq in seqs:  # partial prefix-cache hits, before this step's K/V can overwrite a source
+            if seq.kv_copy is not None:
+                self.pool.copy_prefix(*seq.kv_copy)
+                seq.kv_copy = None
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode
         ids, positions, logits_at, feats, image_mask, ctx = prepare(seqs)
         self.attn.set_context(ctx)

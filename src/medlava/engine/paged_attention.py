@@ -65,6 +65,15 @@ class KVCachePool:
             self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
             self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the K/V of block src's first n slots into block dst, in every layer."""
+        if self.head_major:
+            self.k[:, dst, :, :, :n] = self.k[:, src, :, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        else:
+            self.k[:, dst, :n] = self.k[:, src, :n]
+            self.v[:, dst, :n] = self.v[:, src, :n]
+
     def ensure_zeroed(self, block_id: int) -> None:
         """Zero blocks up to `block_id` before first use. The torch path's attention reads unused
         slots (masked out, but they must be finite: 0 * NaN is NaN; the CPU kernel never reads

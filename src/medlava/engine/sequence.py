@@ -104,6 +104,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # prefix-cache hashes of the full blocks, memoised
         self.num_cached_tokens = 0  # tokens whose K/V came from the prefix cache at the last allocation
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
+        # (cached block, own block, n): the first n slots to copy before the next step (a partial prefix-cache hit)
+        self.kv_copy: tuple[int, int, int] | None = None
         self.text = ""
         self.emitted_chars = 0
         self.finish_reason: str | None = None
@@ -145,6 +147,12 @@ class Sequence:
         """Ordinals [lo, hi) of the image placeholders among token positions [start, end)."""
         pos = self.image_positions
         return bisect.bisect_left(pos, start), bisect.bisect_left(pos, end)
+
+    def first_image_start(self, start: int, end: int) -> int | None:
+        """The position of the first placeholder of the first image that starts in [start, end), or None."""
+        lo, hi = self.placeholder_range(start, end)
+        first = -(-lo // self.image_tokens) * self.image_tokens if self.image_tokens else hi
+        return self.image_positions[first] if first < hi else None
 
     def block_image_hashes(self, i: int, block_size: int) -> tuple[str, ...]:
         """Content hashes of the images whose placeholders overlap block i (its prefix-cache extra keys)."""

@@ -125,16 +125,19 @@ struct Kernel {
     }
   }
 
-  // Their values, as float32 in vf.
+  // Their values, as float32 in vf: block by block (a block's values of one KV head are one
+  // [block_size, head_dim] tile, so its tokens lie side by side).
   void load_values(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
     const int64_t tile = head_dim * block_size;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t t = t0 + j;
-      const T* v = v_cache + (table[t / block_size] * kv_heads + h) * tile + (t % block_size) * head_dim;
-      float* dst = &vf[j * dp];
-      int64_t d = 0;
-      for (; d + VS <= head_dim; d += VS) load_float(v + d).store(dst + d);
-      for (; d < head_dim; ++d) dst[d] = static_cast<float>(v[d]);
+    for (int64_t j = 0; j < n;) {
+      const int64_t t = t0 + j, off = t % block_size, count = std::min(n - j, block_size - off);
+      const T* v = v_cache + (table[t / block_size] * kv_heads + h) * tile + off * head_dim;
+      for (int64_t i = 0; i < count; ++i, ++j, v += head_dim) {
+        float* dst = &vf[j * dp];
+        int64_t d = 0;
+        for (; d + VS <= head_dim; d += VS) load_float(v + d).store(dst + d);
+        for (; d < head_dim; ++d) dst[d] = static_cast<float>(v[d]);
+      }
     }
   }
 
