@@ -76,8 +76,8 @@ class KVCachePool:
 
     def ensure_zeroed(self, block_id: int) -> None:
         """Zero blocks up to `block_id` before first use. The torch path's attention reads unused
-        slots (masked out, but they must be finite: 0 * NaN is NaN; the CPU kernel never reads
-        them); zeroing lazily keeps untouched memory unallocated (blocks are handed out lowest id first)."""
+        slots (masked out, but they must be finite: 0 * NaN is NaN; the CPU kernel masks the
+        scores of the ones it reads); zeroing lazily keeps untouched memory unallocated (blocks are handed out lowest id first)."""
         if block_id >= self.zeroed:
             end = min(self.num_blocks, max(block_id + 1, self.zeroed + self.ZERO_CHUNK))
             self.k[:, self.zeroed : end].zero_()

@@ -59,7 +59,10 @@ struct Kernel {
   std::vector<float> acc;  // [rows, dp] running sum of p * v
   std::vector<float> m, l; // [rows] running max and sum of exp
   std::vector<float> kt;   // [kSegment / VS, head_dim, VS] the segment's keys, VS tokens per vector
-  std::vector<float> vf;   // [kSegment, dp] the segment's values
+  const float* kp[kSegment / VS];  // where each chunk's keys are (kt or the pool), rows kstride apart
+  int64_t kstride[kSegment / VS];
+  std::vector<const float*> vrows;  // [kSegment] the segment's values, dp float32 each: in the pool or in vf
+  std::vector<float> vf;   // [kSegment, dp] values converted to float32 (zero-padded to whole vectors)
   std::vector<float> p;    // [kRowTile, kSegment] scores, then their exponentials
   std::vector<Row> rows;
 
@@ -86,6 +89,7 @@ struct Kernel {
     acc.assign(n_rows * dp, 0.f);
     m.assign(n_rows, kNegInf);
     l.assign(n_rows, 0.f);
+    vrows.resize(kSegment);
     vf.resize(kSegment * dp);
     p.resize(kRowTile * kSegment);
   }
@@ -105,13 +109,24 @@ struct Kernel {
     }
   }
 
-  // Keys of tokens [t0, t0 + n) of the sequence with block table `table`, KV head h, as float32 in
-  // kt (n <= kSegment; lanes past n hold zeros).
+  // Keys of tokens [t0, t0 + n) of the sequence with block table `table`, KV head h, as float32:
+  // chunk c's [head_dim, VS] tokens at kp[c], a row every kstride[c] floats. In place where the
+  // pool holds float32 and the chunk lies in one block (lanes past n then hold whatever the block
+  // has there: softmax() masks them), else copied into kt (lanes past n hold zeros).
   void load_keys(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
     const int64_t tile = head_dim * block_size;  // one KV head's keys (or values) in one block
     for (int64_t c = 0; c * VS < n; ++c) {
       float* dst = &kt[c * head_dim * VS];
       const int64_t t = t0 + c * VS, off = t % block_size, lanes = std::min(VS, n - c * VS);
+      kp[c] = dst;
+      kstride[c] = VS;
+      if constexpr (std::is_same_v<T, float>) {
+        if (off + VS <= block_size) {
+          kp[c] = k_cache + (table[t / block_size] * kv_heads + h) * tile + off;
+          kstride[c] = block_size;
+          continue;
+        }
+      }
       if (lanes == VS && off + VS <= block_size) {  // VS tokens side by side in one block
         const T* k = k_cache + (table[t / block_size] * kv_heads + h) * tile + off;
         for (int64_t d = 0; d < head_dim; ++d) load_float(k + d * block_size).store(dst + d * VS);
@@ -125,18 +140,27 @@ struct Kernel {
     }
   }
 
-  // Their values, as float32 in vf: block by block (a block's values of one KV head are one
-  // [block_size, head_dim] tile, so its tokens lie side by side).
-  void load_values(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
+  // Where the values of tokens [t0, t0 + n) are as float32 rows: read in place where the pool holds
+  // float32 in whole vectors, else converted into vf. Block by block (a block's values of one KV
+  // head are one [block_size, head_dim] tile). In place is faster for float32 only: converting
+  // bf16 once here beats converting it again for every tile of rows in values().
+  void find_values(const int32_t* table, int64_t t0, int64_t n, int64_t h) {
     const int64_t tile = head_dim * block_size;
     for (int64_t j = 0; j < n;) {
       const int64_t t = t0 + j, off = t % block_size, count = std::min(n - j, block_size - off);
       const T* v = v_cache + (table[t / block_size] * kv_heads + h) * tile + off * head_dim;
       for (int64_t i = 0; i < count; ++i, ++j, v += head_dim) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (dp == head_dim) {
+            vrows[j] = v;
+            continue;
+          }
+        }
         float* dst = &vf[j * dp];
         int64_t d = 0;
         for (; d + VS <= head_dim; d += VS) load_float(v + d).store(dst + d);
         for (; d < head_dim; ++d) dst[d] = static_cast<float>(v[d]);
+        vrows[j] = dst;
       }
     }
   }
@@ -148,7 +172,7 @@ struct Kernel {
     for (int64_t seg = t0; seg < t1; seg += kSegment) {
       const int64_t n = std::min(kSegment, t1 - seg), chunks = (n + VS - 1) / VS;
       if (dot) load_keys_dot(table, seg, n, h); else load_keys(table, seg, n, h);
-      load_values(table, seg, n, h);
+      find_values(table, seg, n, h);
       for (int64_t rt = r0; rt < r1; rt += kRowTile) {
         const int64_t nr = std::min(kRowTile, r1 - rt);
         float alpha[kRowTile];
@@ -166,12 +190,13 @@ struct Kernel {
     const float* __restrict qt = &qf[rt * D];
     for (int64_t c = 0; c < chunks; c += 2) {
       const bool two = c + 1 < chunks;
-      const float* __restrict k0 = &kt[c * D * VS];
-      const float* __restrict k1 = two ? k0 + D * VS : k0;
+      const float* __restrict k0 = kp[c];
+      const float* __restrict k1 = two ? kp[c + 1] : k0;
+      const int64_t s0_stride = kstride[c], s1_stride = two ? kstride[c + 1] : s0_stride;
       Vec s0[kRowTile], s1[kRowTile];
       for (int64_t i = 0; i < kRowTile; ++i) s0[i] = s1[i] = Vec(0.f);
       for (int64_t d = 0; d < D; ++d) {
-        const Vec a = Vec::loadu(k0 + d * VS), b = Vec::loadu(k1 + d * VS);
+        const Vec a = Vec::loadu(k0 + d * s0_stride), b = Vec::loadu(k1 + d * s1_stride);
         for (int64_t i = 0; i < kRowTile; ++i) {
           const Vec qd(qt[i * D + d]);
           s0[i] = at::vec::fmadd(qd, a, s0[i]);
@@ -231,7 +256,7 @@ struct Kernel {
         for (int64_t w = 0; w < 4; ++w)
           o[i][w] = i < nr && w < nv ? Vec::loadu(&acc[(rt + i) * dp + d + w * VS]) * Vec(alpha[i]) : Vec(0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const float* __restrict v = &vf[j * dp + d];
+        const float* __restrict v = vrows[j] + d;
         Vec vj[4];
         for (int64_t w = 0; w < 4; ++w) vj[w] = w < nv ? Vec::loadu(v + w * VS) : Vec(0.f);
         for (int64_t i = 0; i < kRowTile; ++i) {
