@@ -1,6 +1,7 @@
 """`medlava serve --replicas 2` on a two-node Ray cluster on this machine (loopback only): every
 question about an image lands on the replica its hash picks, both replicas work, the prefix cache
-does as well as one engine's on the same requests (random routing does worse), and a replica killed
+does as well as an engine of its own per replica on the same requests (random routing does worse),
+and a replica killed
 mid-run is replaced while no request that had not started fails."""
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def hit_rate(responses: list[httpx.Response]) -> float:
     return sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage) / sum(u["prompt_tokens"] for u in usage)
 
 
-def single_engine_hit_rate(model: Path, images: list[bytes]) -> float:
-    """The same two waves through one engine in this process."""
+def engine_hits(model: Path, images: list[bytes]) -> tuple[int, int]:
+    """(cached, prompt) tokens of the same two waves through one engine in this process."""
     from medlava import LLM, SamplingParams
 
     llm = LLM(str(model))
@@ -127,7 +128,7 @@ def single_engine_hit_rate(model: Path, images: list[bytes]) -> float:
 
     outs = llm.generate([msgs(im, QUESTIONS[0]) for im in images], params, use_tqdm=False)
     outs += llm.generate([msgs(im, q) for im in images for q in QUESTIONS[1:]], params, use_tqdm=False)
-    return sum(o.metrics.cached_prompt_tokens for o in outs) / sum(o.metrics.prompt_tokens for o in outs)
+    return sum(o.metrics.cached_prompt_tokens for o in outs), sum(o.metrics.prompt_tokens for o in outs)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,11 @@ def test_image_affinity_prefix_hits_and_a_killed_replica(cluster, model, browser
         assert all(set(p) == {owner[s]} for p, s in zip(per_image, seeds, strict=True))  # one replica per image
         assert set(served) == set(ids)  # both replicas worked
         affinity = hit_rate(responses)
-        single = single_engine_hit_rate(model, images)
+        # Each replica's images through an engine of its own: image routing must lose nothing to it.
+        # (One engine for all eight would do a little better still: it would compute the text before
+        # the image once, not once per replica, and copy it into the other prompts' first blocks.)
+        hits = [engine_hits(model, images[:4]), engine_hits(model, images[4:])]
+        single = sum(c for c, _ in hits) / sum(n for _, n in hits)
         assert affinity >= single - 1e-9, (affinity, single)
 
         # Reports and localisation go to the image's replica as well; the web UI works through the ingress.
@@ -224,5 +229,8 @@ def test_image_affinity_prefix_hits_and_a_killed_replica(cluster, model, browser
         server.stop()
     random_rate = hit_rate(responses)
     by = [r.headers["x-medlava-replica"] for r in responses]
-    print(f"prefix-cache hit rate: image routing {affinity:.3f}, one engine {single:.3f}, random {random_rate:.3f}")
-    assert random_rate < affinity - 0.05, {replica: by.count(replica) for replica in set(by)}
+    print(f"prefix-cache hit rate: image routing {affinity:.3f}, an engine per replica {single:.3f}, random {random_rate:.3f}")
+    # An image whose questions went to both replicas had its image computed twice (the waves run one
+    # after the other, so under image routing every follow-up finds its image): a lower hit rate.
+    scattered = [i for i in range(8) if len({by[i], *by[8 + 3 * i : 8 + 3 * i + 3]}) > 1]
+    assert scattered and random_rate < affinity, {replica: by.count(replica) for replica in set(by)}

@@ -235,6 +235,30 @@ def test_follow_up_on_same_image_reuses_blocks_and_vision_features(mistral_sw):
     assert 0 < m.prefix_cache_hit_rate < 1 and engine.block_manager.all_free()
 
 
+@pytest.mark.parametrize("attention", ["cpu-kernel", "torch"])
+def test_questions_on_one_image_prefilled_together_copy_from_the_first(llama, monkeypatch, attention):
+    """Follow-ups scheduled in the same step as the first question on their image copy the block
+    where their prompt parts from it, though that block's K/V is computed in this very step."""
+    from medlava import kernels
+
+    if attention == "torch":
+        monkeypatch.setattr(kernels, "ops", lambda: None)
+    elif kernels.ops() is None:
+        pytest.skip("medlava's CPU kernels could not be built here")
+    images = images_for(llama)
+    reqs = [Req(QUESTIONS[i], [0]) for i in (1, 0, 3)]
+    engine = LLMEngine(llama, block_size=5)
+    assert (engine.runner.kernels is not None) is (attention == "cpu-kernel")
+    done = run(engine, llama, reqs, images)
+    first = prompt_ids(llama, reqs[0].question, 1)
+    shared = [common_start(first, prompt_ids(llama, r.question, 1)) for r in reqs[1:]]
+    assert all(n % 5 != 0 for n in shared)  # each parts from the first inside a block
+    assert [done[f"r{i}"].metrics.cached_prompt_tokens for i in (1, 2)] == shared
+    for i, r in enumerate(reqs):
+        assert done[f"r{i}"].token_ids == reference(llama, r, images)
+    assert engine.runner.stats.prefill_steps == 1 and engine.block_manager.all_free()
+
+
 def test_seeded_sampling_is_reproducible_regardless_of_batch(llama):
     images = images_for(llama)
     seeded = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, seed=7, max_tokens=12, ignore_eos=True)

@@ -34,15 +34,16 @@ def test_same_image_hits_and_other_image_misses():
     a = seq(image_prompt([20, 21, 22, 23, 24]), ["imgA"])
     bm.allocate(a)
     assert a.num_cached_tokens == 0 and len(a.block_table) == 4
-    # Same image, another question: blocks 0 and 1 (positions 0-7, image partly) are shared.
+    # Same image, another question: blocks 0 and 1 (positions 0-7, image partly) are shared, the
+    # image's last position (the first of block 2) is copied.
     b = seq(image_prompt([30, 31, 32, 33, 34]), ["imgA"])
     bm.allocate(b)
-    assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2]
+    assert b.num_cached_tokens == 9 and b.block_table[:2] == a.block_table[:2]
     assert bm.blocks[a.block_table[0]].ref_count == 2
     # A different image with the same text: only the block before the image matches.
     c = seq(image_prompt([20, 21, 22, 23, 24]), ["imgB"])
     bm.allocate(c)
-    assert c.num_cached_tokens == 0  # block 0 holds position 3, an image position
+    assert c.num_cached_tokens == 3  # block 0 holds position 3, an image position: only the text before is copied
     d = seq([1, 5, 6, 7] + [IMG] * N_IMG + [20], ["imgB"])
     e = seq([1, 5, 6, 7] + [IMG] * N_IMG + [21], ["imgC"])
     bm.allocate(d)
@@ -66,7 +67,8 @@ def test_last_token_is_always_recomputed():
     bm.allocate(a)
     b = seq(list(range(1, 9)))
     bm.allocate(b)
-    assert b.num_cached_tokens == 4  # the block holding the last prompt token is not reused
+    # The block holding the last prompt token is not shared; its start is copied, not its last token.
+    assert b.num_cached_tokens == 7 and b.kv_copy == (a.block_table[1], b.block_table[1], 3)
     assert b.block_table[1] != a.block_table[1]
 
 
@@ -75,14 +77,13 @@ def test_partial_block_hit_copies_the_shared_start_of_a_computed_block():
     a = seq(image_prompt([20, 21, 22, 23, 24]), ["imgA"])  # image at 3..8, then the question
     bm.allocate(a)
     b = seq(image_prompt([20, 21, 30, 31, 32]), ["imgA"])  # parts from a at position 11
-    assert bm.num_cached_tokens(b) == 8  # a's block 2 is being computed in this step: no copy from it
-    bm.step_done()
-    assert bm.num_cached_tokens(b) == 11
+    assert bm.num_cached_tokens(b) == 11  # a's block 2 is computed in this same step, before the copy
     bm.allocate(b)
     assert b.num_cached_tokens == 11 and b.block_table[:2] == a.block_table[:2]
     assert b.kv_copy == (a.block_table[2], b.block_table[2], 3) and b.block_table[2] != a.block_table[2]
-    assert bm.blocks[a.block_table[2]].ref_count == 1  # copied from, not shared
+    assert bm.blocks[a.block_table[2]].ref_count == 2  # copied from, not shared: held for the step
     bm.step_done()
+    assert bm.blocks[a.block_table[2]].ref_count == 1
 
     # The same image, stopping one token short: the last token is always computed.
     c = seq(image_prompt([20, 21]), ["imgA"])

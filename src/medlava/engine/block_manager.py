@@ -8,10 +8,11 @@ least-recently-freed order.
 
 A prompt's first block past its cached full blocks may still begin like a cached block (a
 follow-up question on the same image: the image ends mid-block, the new question follows). That
-block's first matching positions are copied into the sequence's own new block (`Sequence.kv_copy`,
-done by the model runner before the step's forward), so only what differs is computed. The copy's
-source must already hold its K/V: blocks registered for the step now being scheduled do not (they
-are computed in that step) and are skipped until `step_done`.
+block's first matching positions are copied into the sequence's own new block (`Sequence.kv_copy`),
+so only what differs is computed. The attention copies them in each layer right after the step's
+new K/V are written, so the source may be a block computed in that very step (the first question
+on an image, prefilled together with its follow-ups); it is held until the step has run
+(`step_done`), so that nothing else takes it meanwhile.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
         self.children: dict[bytes | None, dict[int, None]] = {}  # parent hash -> cached blocks after it, oldest first
-        self.pending: set[int] = set()  # registered for the step being scheduled: no K/V yet
+        self.held: list[int] = []  # sources of this step's partial hits, released by step_done
         self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which found
 
@@ -127,8 +128,6 @@ class BlockManager:
         parent = seq.block_hashes[len(hits) - 1] if hits else None
         best = None
         for bid in itertools.islice(reversed(self.children.get(parent, {})), PARTIAL_CANDIDATES):
-            if bid in self.pending:
-                continue
             n = common_length(self.blocks[bid].token_ids, want)
             if n > 0 and (best is None or n > best[1]):
                 best = (bid, n)
@@ -144,7 +143,8 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence) -> bool:
         hits = self._cached_prefix(seq)
-        hits_now_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        partial = self._partial_hit(seq, hits)
+        hits_now_free = sum(1 for b in hits + ([partial[0]] if partial else []) if self.blocks[b].ref_count == 0)
         return seq.num_blocks(self.block_size) - len(hits) <= len(self.free) - hits_now_free
 
     def _take_free(self) -> int:
@@ -168,7 +168,6 @@ class BlockManager:
         block.parent = seq.block_hashes[i - 1] if i else None
         self.hash_to_block[block.hash] = bid
         self.children.setdefault(block.parent, {})[bid] = None
-        self.pending.add(bid)
 
     def allocate(self, seq: Sequence) -> None:
         """Give seq blocks for all its tokens, reusing cached ones; sets `seq.num_cached_tokens`."""
@@ -177,11 +176,11 @@ class BlockManager:
         hits = self._cached_prefix(seq)
         partial = self._partial_hit(seq, hits)
         for bid in hits:
-            block = self.blocks[bid]
-            if block.ref_count == 0:
-                del self.free[bid]
-            block.ref_count += 1
+            self._hold(bid)
             seq.block_table.append(bid)
+        if partial is not None:  # held before new blocks are taken: none of them can be the source
+            self._hold(partial[0])
+            self.held.append(partial[0])
         n_full = len(self._hashes(seq, len(seq) // bs)) if self.enable_prefix_caching else 0
         for i in range(len(hits), seq.num_blocks(bs)):
             bid = self._take_free()
@@ -196,15 +195,25 @@ class BlockManager:
             self.queried_tokens += len(seq)
             self.hit_tokens += seq.num_cached_tokens
 
+    def _hold(self, bid: int) -> None:
+        block = self.blocks[bid]
+        if block.ref_count == 0:
+            del self.free[bid]
+        block.ref_count += 1
+
+    def _release(self, bid: int) -> None:
+        """Drop one reference; a block nobody holds becomes free (a hashed one stays findable)."""
+        block = self.blocks[bid]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[bid] = None
+            if block.hash is None:  # nothing worth keeping: reuse it before cached blocks
+                self.free.move_to_end(bid, last=False)
+
     def deallocate(self, seq: Sequence) -> None:
-        """Drop seq's references; blocks nobody holds become free (hashed ones stay findable)."""
+        """Drop seq's references (see `_release`)."""
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[bid] = None
-                if block.hash is None:  # nothing worth keeping: reuse it before cached blocks
-                    self.free.move_to_end(bid, last=False)
+            self._release(bid)
         seq.block_table, seq.kv_copy = [], None
         seq.num_cached_tokens = seq.num_computed_tokens = 0
 
@@ -223,14 +232,15 @@ class BlockManager:
             self._register(seq.block_table[i], seq, i)
 
     def step_done(self) -> None:
-        """The scheduled step has run: the blocks registered for it hold their K/V now."""
-        self.pending.clear()
+        """The scheduled step has run (or failed): its partial hits' sources are released."""
+        for bid in self.held:
+            self._release(bid)
+        self.held.clear()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (after a failed step, when blocks may hold half-written K/V)."""
         self.hash_to_block.clear()
         self.children.clear()
-        self.pending.clear()
         for block in self.blocks:
             block.hash, block.parent, block.token_ids = None, None, []
 

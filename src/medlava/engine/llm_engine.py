@@ -253,7 +253,8 @@ class LLMEngine:
             for seq in reversed(seqs):
                 self.scheduler.preempt(seq)
             raise
-        self.block_manager.step_done()
+        finally:
+            self.block_manager.step_done()
         now = time.perf_counter()
         outputs = []
         for seq, token in zip(seqs, tokens, strict=True):

@@ -156,10 +156,14 @@ class ModelRunner:
         mask = torch.zeros(1, len(ids), dtype=torch.bool, device=self.device)
         if placeholders:
             mask[0, self._tensor(placeholders)] = True
-        ctx = StepContext(slot_mapping=self._tensor(slots), prefill=plan)
+        copies = [seq.kv_copy for seq in seqs if seq.kv_copy is not None]  # done by the attention, layer by layer
+        for seq in seqs:
+            seq.kv_copy = None
+        ctx = StepContext(slot_mapping=self._tensor(slots), copies=copies, prefill=plan)
         if self.kernels is not None:
             ctx.kernel = KernelPlan.build(
-                [s.block_table for s in seqs], [p.kv_len for p in plan], [p.q_len for p in plan], [], bs, self.device
+                [s.block_table for s in seqs], [p.kv_len for p in plan], [p.q_len for p in plan], [], bs, self.device,
+                copies,
             )
         return self._tensor([ids]), self._tensor([positions]), self._tensor(last), feats, mask, ctx
 
@@ -221,10 +225,6 @@ class ModelRunner:
         t0 = time.perf_counter()
         if self.kernels is None:  # the torch path reads unused slots (masked): they must be finite
             self.pool.ensure_zeroed(max(max(s.block_table) for s in seqs))
-        for seq in seqs:  # partial prefix-cache hits, before this step's K/V can overwrite a source
-            if seq.kv_copy is not None:
-                self.pool.copy_prefix(*seq.kv_copy)
-                seq.kv_copy = None
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode
         ids, positions, logits_at, feats, image_mask, ctx = prepare(seqs)
         self.attn.set_context(ctx)

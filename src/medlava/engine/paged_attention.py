@@ -65,14 +65,15 @@ class KVCachePool:
             self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
             self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
 
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Copy the K/V of block src's first n slots into block dst, in every layer."""
+    def copy_prefix(self, layer: int, src: int, dst: int, n: int) -> None:
+        """Copy the K/V of block src's first n slots into block dst (`layer`'s)."""
+        k, v = self.k[layer], self.v[layer]
         if self.head_major:
-            self.k[:, dst, :, :, :n] = self.k[:, src, :, :, :n]
-            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+            k[dst, :, :, :n] = k[src, :, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
         else:
-            self.k[:, dst, :n] = self.k[:, src, :n]
-            self.v[:, dst, :n] = self.v[:, src, :n]
+            k[dst, :n] = k[src, :n]
+            v[dst, :n] = v[src, :n]
 
     def ensure_zeroed(self, block_id: int) -> None:
         """Zero blocks up to `block_id` before first use. The torch path's attention reads unused
@@ -141,8 +142,9 @@ def shared_prefixes(tables: list[list[int]], lengths: list[int], block_size: int
 class KernelPlan:
     """A step's sequences as the CPU kernel reads them (int32 tensors): block tables [S, width],
     tokens cached after the step [S], where each one's queries start in the packed row [S + 1],
-    and groups: the sequences order[group_starts[g]:group_starts[g + 1]] share their first
-    shared_lens[g] tokens (whole blocks)."""
+    groups: the sequences order[group_starts[g]:group_starts[g + 1]] share their first
+    shared_lens[g] tokens (whole blocks), and the step's partial prefix-cache hits as rows of
+    (source block, block, slots) [C, 3]."""
 
     block_tables: torch.Tensor
     kv_lens: torch.Tensor
@@ -150,11 +152,12 @@ class KernelPlan:
     order: torch.Tensor
     group_starts: torch.Tensor
     shared_lens: torch.Tensor
+    copies: torch.Tensor
 
     @classmethod
     def build(
         cls, tables: list[list[int]], kv_lens: list[int], q_lens: list[int], groups: list[tuple[int, list[int]]],
-        block_size: int, device,
+        block_size: int, device, copies: list[tuple[int, int, int]] = (),
     ) -> KernelPlan:
         """`groups` as `shared_prefixes` gives them; every other sequence is a group of its own."""
         width = max(len(t) for t in tables)
@@ -174,12 +177,14 @@ class KernelPlan:
         return cls(
             int32([t + [0] * (width - len(t)) for t in tables]), int32(kv_lens), int32(q_starts),
             int32([i for _, members in parts for i in members]), int32(starts), int32([n for n, _ in parts]),
+            int32(list(copies)).view(-1, 3),
         )
 
 
 @dataclass
 class StepContext:
     slot_mapping: torch.Tensor  # [T] slot of each packed token
+    copies: list[tuple[int, int, int]] = ()  # partial prefix-cache hits: (source block, block, slots)
     kernel: KernelPlan | None = None  # set: the CPU kernel attends (prefill and decode alike)
     prefill: list[PrefillSeq] | None = None
     # the torch path's decode: padded block tables and the mask of each sequence's slots
@@ -211,11 +216,13 @@ class PagedAttention:
         if ctx.kernel is not None:  # the kernel stores them, then attends
             p = ctx.kernel
             out = self.kernels.paged_attention(
-                q[0].transpose(0, 1), k, v, ctx.slot_mapping, k_pool, v_pool, p.block_tables, p.kv_lens,
+                q[0].transpose(0, 1), k, v, ctx.slot_mapping, k_pool, v_pool, p.copies, p.block_tables, p.kv_lens,
                 p.q_starts, p.order, p.group_starts, p.shared_lens, self.window or 0, hd**-0.5,
             )
             return out.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
         pool.write(layer, ctx.slot_mapping, k, v)
+        for copy in ctx.copies:  # after the writes: a source may be computed in this very step
+            pool.copy_prefix(layer, *copy)
         if ctx.prefill is None:  # decode: each sequence's one query over its gathered K/V
             b, rows = q.shape[2], self.num_heads // kh
             # Grouped-query attention without repeating K/V: the H/KVH query heads sharing a KV head

@@ -104,7 +104,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # prefix-cache hashes of the full blocks, memoised
         self.num_cached_tokens = 0  # tokens whose K/V came from the prefix cache at the last allocation
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
-        # (cached block, own block, n): the first n slots to copy before the next step (a partial prefix-cache hit)
+        # (cached block, own block, n): the first n slots to copy in its next step (a partial prefix-cache hit)
         self.kv_copy: tuple[int, int, int] | None = None
         self.text = ""
         self.emitted_chars = 0

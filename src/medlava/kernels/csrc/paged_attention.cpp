@@ -1,4 +1,5 @@
-// Paged attention on the CPU: this step's K/V written into their slots, then every query attends
+// Paged attention on the CPU: this step's K/V written into their slots, the step's partial prefix-cache
+// hits copied (slots of one block into another), then every query attends
 // over its sequence's K/V read straight out of the block pool (no gather into new tensors), in float32 with an online softmax, for prefill and
 // decode alike. Sequences in one group share their first `shared_len` tokens (the same blocks):
 // the group's queries read those blocks once, together, then each member carries on over its own
@@ -454,9 +455,29 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
   });
 }
 
-// Writes k, v into their slots of the pool, then returns q's attention over it (see the top).
+// Copies slots [0, n) of block src into block dst for every (src, dst, n) row of `copies`, all KV heads.
+template <typename T>
+void copy_slots(const at::Tensor& copies, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const int64_t kv_heads = k_cache.size(1), d = k_cache.size(2), bs = k_cache.size(3), tile = d * bs;
+  const int32_t* c = copies.data_ptr<int32_t>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  for (int64_t i = 0; i < copies.size(0); ++i) {
+    const int64_t src = c[3 * i], dst = c[3 * i + 1], n = c[3 * i + 2];
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const T* ks = kc + (src * kv_heads + h) * tile;
+      T* kd = kc + (dst * kv_heads + h) * tile;
+      for (int64_t r = 0; r < d; ++r) std::copy(ks + r * bs, ks + r * bs + n, kd + r * bs);
+      std::copy(vc + (src * kv_heads + h) * tile, vc + (src * kv_heads + h) * tile + n * d, vc + (dst * kv_heads + h) * tile);
+    }
+  }
+}
+
+// Writes k, v into their slots of the pool, copies the partial prefix-cache hits (after the writes:
+// a copy's source may be written in this very step), then returns q's attention over it (see the top).
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
-                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& copies,
+                           const at::Tensor& block_tables,
                            const at::Tensor& kv_lens, const at::Tensor& q_starts, const at::Tensor& order,
                            const at::Tensor& group_starts, const at::Tensor& shared_lens, int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [tokens, heads, head_dim] with contiguous head_dim");
@@ -474,13 +495,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), "q, k, v and the caches must share a dtype");
   }
   TORCH_CHECK(q.size(2) == k_cache.size(2) && q.size(1) % k_cache.size(1) == 0, "q's heads do not fit the cache's");
-  for (const auto* t : {&block_tables, &kv_lens, &q_starts, &order, &group_starts, &shared_lens}) {
+  TORCH_CHECK(copies.dim() == 2 && copies.size(1) == 3, "copies must be [n, 3]: (source block, block, slots)");
+  for (const auto* t : {&copies, &block_tables, &kv_lens, &q_starts, &order, &group_starts, &shared_lens}) {
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "index tensors must be contiguous int32");
   }
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   dispatch(q.scalar_type(), "paged_attention", [&](auto tag) {
     using T = decltype(tag);
     write_kv<T>(k, v, slots, k_cache, v_cache);
+    copy_slots<T>(copies, k_cache, v_cache);
     run<T>(out, q, k_cache, v_cache, block_tables, kv_lens, q_starts, order, group_starts, shared_lens, window, scale);
   });
   return out;
@@ -492,7 +515,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 TORCH_LIBRARY(medlava, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-      "Tensor block_tables, Tensor kv_lens, Tensor q_starts, Tensor order, Tensor group_starts, Tensor shared_lens, "
+      "Tensor copies, Tensor block_tables, Tensor kv_lens, Tensor q_starts, Tensor order, Tensor group_starts, Tensor shared_lens, "
       "int window, float scale) -> Tensor");
 }
 
