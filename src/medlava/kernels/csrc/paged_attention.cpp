@@ -465,10 +465,9 @@ void copy_slots(const at::Tensor& copies, const at::Tensor& k_cache, const at::T
   for (int64_t i = 0; i < copies.size(0); ++i) {
     const int64_t src = c[3 * i], dst = c[3 * i + 1], n = c[3 * i + 2];
     for (int64_t h = 0; h < kv_heads; ++h) {
-      const T* ks = kc + (src * kv_heads + h) * tile;
-      T* kd = kc + (dst * kv_heads + h) * tile;
-      for (int64_t r = 0; r < d; ++r) std::copy(ks + r * bs, ks + r * bs + n, kd + r * bs);
-      std::copy(vc + (src * kv_heads + h) * tile, vc + (src * kv_heads + h) * tile + n * d, vc + (dst * kv_heads + h) * tile);
+      const int64_t from = (src * kv_heads + h) * tile, to = (dst * kv_heads + h) * tile;
+      for (int64_t r = 0; r < d; ++r) std::copy(kc + from + r * bs, kc + from + r * bs + n, kc + to + r * bs);  // K: [d, bs]
+      std::copy(vc + from, vc + from + n * d, vc + to);  // V: [bs, d], its first n rows
     }
   }
 }
